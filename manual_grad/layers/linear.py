@@ -1,0 +1,42 @@
+"""Linear layer ``y = x w + b`` with weights stored (in, out).
+
+Backward (sums over tokens are over every leading axis):
+    dx = Δ w^T        dw = x^T Δ        db = Σ_tokens Δ
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from manual_grad.vjp import manual_vjp
+
+__all__ = ["linear", "linear_fwd", "linear_bwd", "linear_ref", "matmul_tokens"]
+
+
+def matmul_tokens(a, b):
+    """``a^T b`` summed over every token (leading) axis: (..., m), (..., n) -> (m, n)."""
+    return jnp.einsum("...m,...n->mn", a, b)
+
+
+def linear_fwd(x, w, b):
+    """``y = x @ w + b`` (``b`` may be None). Saves x and the (free) parameters."""
+    y = x @ w                                                 # (..., in) x (in, out) -> (..., out)
+    if b is not None:
+        y = y + b
+    return y, (x, w, b)
+
+
+def linear_bwd(residuals, dy):
+    x, w, b = residuals
+    dx = dy @ w.T                                             # (..., out) x (out, in) -> (..., in)
+    dw = matmul_tokens(x, dy).astype(w.dtype)                 # (in, ...) x (..., out) -> (in, out)
+    db = None if b is None else dy.reshape(-1, dy.shape[-1]).sum(0).astype(b.dtype)
+    return dx, dw, db
+
+
+linear = manual_vjp(linear_fwd, linear_bwd)
+
+
+def linear_ref(x, w, b):
+    """Plain-jnp twin of :func:`linear`."""
+    y = x @ w
+    return y if b is None else y + b

@@ -1,0 +1,285 @@
+"""The GPT: parameters, forward pass and loss, composed from the layer ops.
+
+This file is composition only, no calculus: ``backend="manual"`` calls the hand-written
+custom-VJP ops of :mod:`manual_grad.layers`, ``backend="autodiff"`` calls their plain-jnp
+``*_ref`` twins, and the same code wires either set into the model. Blocks are stacked on a
+leading axis L and run with ``lax.scan``, so compile time does not grow with depth.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from manual_grad import layers
+from manual_grad.config import GPTConfig
+from manual_grad.layers.loss import IGNORE_INDEX
+
+__all__ = ["init_params", "attach_lora", "merge_lora", "split_lora", "forward", "loss_fn",
+           "count_params", "BACKENDS", "IGNORE_INDEX"]
+
+Params = dict[str, Any]
+
+
+class Ops(NamedTuple):
+    """The layer ops one backend composes."""
+    embedding: Callable
+    layernorm: Callable
+    attention: Callable
+    mlp: Callable
+    logits: Callable
+    logits_loss: Callable
+    dropout: Callable
+
+
+BACKENDS = {
+    "manual": Ops(layers.embedding, layers.layernorm, layers.attention, layers.mlp,
+                  layers.logits, layers.logits_loss, layers.dropout),
+    "autodiff": Ops(layers.embedding_ref, layers.layernorm_ref, layers.attention_ref,
+                    layers.mlp_ref, layers.logits_ref, layers.logits_loss_ref, layers.dropout_ref),
+}
+
+
+# --- parameters --------------------------------------------------------------------------
+
+def init_params(cfg: GPTConfig, key: jax.Array) -> Params:
+    """GPT-2-style initialisation: weights N(0, 0.02), the residual projections (w_o, w_proj)
+    N(0, 0.02 / sqrt(2 L)), biases 0, LayerNorm scale 1. LoRA adapters are attached when
+    ``cfg.lora`` is set (see :func:`attach_lora`)."""
+    if not isinstance(cfg, GPTConfig):
+        raise ValueError(f"cfg must be a GPTConfig, got {type(cfg).__name__}")
+    V, T, L, C, F = cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.mlp_width
+    dtype = jnp.dtype(cfg.dtype)
+    k = iter(jax.random.split(key, 8))
+
+    def normal(shape, std=0.02):
+        return (std * jax.random.normal(next(k), shape, jnp.float32)).astype(dtype)
+
+    def zeros(*shape):
+        return jnp.zeros(shape, dtype)
+
+    def ln(*lead):
+        return {"scale": jnp.ones((*lead, C), dtype), "bias": zeros(*lead, C)}
+
+    proj_std = 0.02 / math.sqrt(2 * L)
+    attn = {"w_qkv": normal((L, C, 3 * C)), "w_o": normal((L, C, C), proj_std)}
+    mlp = {"w_fc": normal((L, C, F)), "w_proj": normal((L, F, C), proj_std)}
+    if cfg.bias:
+        attn |= {"b_qkv": zeros(L, 3 * C), "b_o": zeros(L, C)}
+        mlp |= {"b_fc": zeros(L, F), "b_proj": zeros(L, C)}
+    params = {
+        "wte": normal((V, C)),
+        "wpe": normal((T, C)),
+        "blocks": {"ln1": ln(L), "attn": attn, "ln2": ln(L), "mlp": mlp},
+        "ln_f": ln(),
+    }
+    if not cfg.tied_embeddings:
+        params["lm_head"] = {"w": normal((C, V))}
+        if cfg.lm_head_bias:
+            params["lm_head"]["b"] = zeros(V)
+    if cfg.lora is not None:
+        params = attach_lora(params, cfg, next(k))
+    return params
+
+
+def _adapter_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of every layer an adapter can sit on."""
+    C, F, V = cfg.n_embd, cfg.mlp_width, cfg.vocab_size
+    return {"q": (C, C), "k": (C, C), "v": (C, C), "o": (C, C), "fc": (C, F), "proj": (F, C),
+            "logits": (C, V)}
+
+
+def attach_lora(params: Params, cfg: GPTConfig, key: jax.Array) -> Params:
+    """Adds fresh adapters for ``cfg.lora`` under ``params["lora"]``: A ~ U(±1/sqrt(in))
+    (as PEFT's Kaiming-uniform), B = 0, so the model's output is unchanged.
+
+    Layout: ``lora = {"blocks": {"attn": {"q": {"a": (L, C, r), "b": (L, r, C)}, ...},
+    "mlp": {"fc": ..., "proj": ...}}, "logits": {"a": (C, r), "b": (r, V)}}``.
+    """
+    if cfg.lora is None:
+        raise ValueError("cfg.lora must be a LoRAConfig to attach adapters")
+    r, L, dtype = cfg.lora.rank, cfg.n_layer, jnp.dtype(cfg.dtype)
+    shapes = _adapter_shapes(cfg)
+    keys = dict(zip(cfg.lora.targets, jax.random.split(key, len(cfg.lora.targets))))
+
+    def adapter(name, lead):
+        n_in, n_out = shapes[name]
+        bound = 1.0 / math.sqrt(n_in)
+        a = jax.random.uniform(keys[name], (*lead, n_in, r), jnp.float32, -bound, bound)
+        return {"a": a.astype(dtype), "b": jnp.zeros((*lead, r, n_out), dtype)}
+
+    lora = {"blocks": {
+        "attn": {n: adapter(n, (L,)) for n in ("q", "k", "v", "o") if n in cfg.lora.targets},
+        "mlp": {n: adapter(n, (L,)) for n in ("fc", "proj") if n in cfg.lora.targets}}}
+    if "logits" in cfg.lora.targets:
+        lora["logits"] = adapter("logits", ())
+    return {**params, "lora": lora}
+
+
+def split_lora(params: Params) -> tuple[Params, Params]:
+    """(base parameters, adapters): the frozen and the trainable parts of a LoRA model."""
+    base = {k: v for k, v in params.items() if k != "lora"}
+    return base, params.get("lora", {})
+
+
+def merge_lora(params: Params, cfg: GPTConfig) -> tuple[Params, GPTConfig]:
+    """Folds the adapters into the base weights, ``W <- W + s A B``, and drops them.
+
+    Returns the merged parameters and the config without LoRA. A logits adapter on tied
+    embeddings unties them (the embedding must stay as it was), giving ``lm_head.w =
+    wte^T + s A B``.
+    """
+    if cfg.lora is None or "lora" not in params:
+        raise ValueError("params: no LoRA adapters to merge (cfg.lora is None or params has no 'lora')")
+    base, lora = split_lora(params)
+    s, C = cfg.lora.scale, cfg.n_embd
+
+    def delta(adapter):
+        return s * (adapter["a"] @ adapter["b"])
+
+    blocks = jax.tree.map(lambda x: x, base["blocks"])
+    attn, mlp = dict(blocks["attn"]), dict(blocks["mlp"])
+    for i, name in enumerate(("q", "k", "v")):
+        if name in lora["blocks"]["attn"]:
+            attn["w_qkv"] = attn["w_qkv"].at[..., i * C:(i + 1) * C].add(delta(lora["blocks"]["attn"][name]))
+    if "o" in lora["blocks"]["attn"]:
+        attn["w_o"] = attn["w_o"] + delta(lora["blocks"]["attn"]["o"])
+    for name, weight in (("fc", "w_fc"), ("proj", "w_proj")):
+        if name in lora["blocks"]["mlp"]:
+            mlp[weight] = mlp[weight] + delta(lora["blocks"]["mlp"][name])
+    merged = {**base, "blocks": {**blocks, "attn": attn, "mlp": mlp}}
+    new_cfg = cfg.replace(lora=None)
+    if "logits" in lora:
+        if cfg.tied_embeddings:
+            merged["lm_head"] = {"w": base["wte"].T + delta(lora["logits"])}
+            new_cfg = new_cfg.replace(tied_embeddings=False)
+        else:
+            merged["lm_head"] = {**base["lm_head"], "w": base["lm_head"]["w"] + delta(lora["logits"])}
+    return merged, new_cfg
+
+
+def count_params(tree_or_cfg: Params | GPTConfig, *, which: str = "all") -> int:
+    """Number of scalars in a parameter pytree (arrays or shape structs) or in a config's
+    parameters (counted from shapes, nothing allocated).
+
+    ``which``: ``"all"``; ``"base"`` (everything but LoRA adapters); ``"lora"`` (adapters only,
+    the trainable count of a LoRA fine-tune).
+    """
+    if which not in ("all", "base", "lora"):
+        raise ValueError(f"which must be 'all', 'base' or 'lora', got {which!r}")
+    tree = tree_or_cfg
+    if isinstance(tree_or_cfg, GPTConfig):
+        tree = jax.eval_shape(lambda: init_params(tree_or_cfg, jax.random.key(0)))
+    if isinstance(tree, dict):
+        base, lora = split_lora(tree)
+        tree = {"all": tree, "base": base, "lora": lora}[which]
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+
+# --- input checks --------------------------------------------------------------------------
+
+def _check_ids(name: str, ids, cfg: GPTConfig, *, allow_ignore: bool = False):
+    """Shape, dtype and (when concrete) range checks, before any compute."""
+    if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
+        raise ValueError(f"{name} must be an integer array of shape (B, T), got {type(ids).__name__}")
+    if ids.ndim != 2:
+        raise ValueError(f"{name} must have rank 2 (B, T), got shape {tuple(ids.shape)}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must have an integer dtype, got {ids.dtype}")
+    B, T = ids.shape
+    if B < 1 or T < 1:
+        raise ValueError(f"{name} must have B >= 1 and T >= 1, got shape {(B, T)}")
+    if T > cfg.block_size:
+        raise ValueError(f"{name} has T={T} > block_size={cfg.block_size}")
+    if isinstance(ids, jax.core.Tracer):
+        return   # values unknown under jit: use debug checks (checkify) for those
+    values = np.asarray(ids)
+    bad = (values < 0) | (values >= cfg.vocab_size)
+    if allow_ignore:
+        bad &= values != IGNORE_INDEX
+    if bad.any():
+        allowed = f"[0, {cfg.vocab_size})" + (f" or {IGNORE_INDEX}" if allow_ignore else "")
+        raise ValueError(f"{name} has ids outside {allowed}: e.g. {values[bad].ravel()[:5].tolist()}")
+
+
+def _check_call(params, inputs, cfg, backend):
+    if not isinstance(cfg, GPTConfig):
+        raise ValueError(f"cfg must be a GPTConfig, got {type(cfg).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    if not isinstance(params, dict) or "wte" not in params or "blocks" not in params:
+        raise ValueError("params must be the dict made by init_params (missing 'wte' or 'blocks')")
+    if params["wte"].shape != (cfg.vocab_size, cfg.n_embd):
+        raise ValueError(f"params['wte'] has shape {params['wte'].shape}, cfg expects "
+                         f"{(cfg.vocab_size, cfg.n_embd)}: params and cfg do not match")
+    _check_ids("inputs", inputs, cfg)
+
+
+# --- the model -----------------------------------------------------------------------------
+
+def _hidden(params: Params, inputs, cfg: GPTConfig, ops: Ops, dropout_key) -> jax.Array:
+    """Token ids (B, T) -> final-LayerNorm output (B, T, C)."""
+    lora = params.get("lora", {})
+    s = cfg.lora.scale if cfg.lora is not None else 1.0
+    train = dropout_key is not None and cfg.dropout > 0
+    rate = cfg.dropout if train else 0.0
+    keys = jax.random.split(dropout_key if train else jax.random.key(0), 2 * cfg.n_layer + 1)
+
+    x = ops.dropout(ops.embedding(inputs, params["wte"], params["wpe"]), keys[-1], rate=rate)
+
+    def block(x, layer):
+        p, adapters, (key_attn, key_mlp) = layer
+        h = ops.layernorm(x, p["ln1"]["scale"], p["ln1"]["bias"], eps=cfg.ln_eps)
+        a = ops.attention(h, p["attn"]["w_qkv"], p["attn"].get("b_qkv"), p["attn"]["w_o"],
+                          p["attn"].get("b_o"), adapters.get("attn", {}), n_head=cfg.n_head,
+                          causal=cfg.causal, lora_scale=s)
+        x = x + ops.dropout(a, key_attn, rate=rate)
+        h = ops.layernorm(x, p["ln2"]["scale"], p["ln2"]["bias"], eps=cfg.ln_eps)
+        m = ops.mlp(h, p["mlp"]["w_fc"], p["mlp"].get("b_fc"), p["mlp"]["w_proj"],
+                    p["mlp"].get("b_proj"), adapters.get("mlp", {}), activation=cfg.activation,
+                    lora_scale=s)
+        return x + ops.dropout(m, key_mlp, rate=rate), None
+
+    layer_keys = keys[:-1].reshape(cfg.n_layer, 2)
+    x, _ = jax.lax.scan(block, x, (params["blocks"], lora.get("blocks", {}), layer_keys))
+    return ops.layernorm(x, params["ln_f"]["scale"], params["ln_f"]["bias"], eps=cfg.ln_eps)
+
+
+def _head(params: Params, cfg: GPTConfig):
+    """(weight, bias, adapters, settings) of the logits layer."""
+    w = params["wte"] if cfg.tied_embeddings else params["lm_head"]["w"]
+    b = None if cfg.tied_embeddings else params["lm_head"].get("b")
+    adapters = {"logits": params["lora"]["logits"]} if "logits" in params.get("lora", {}) else {}
+    s = cfg.lora.scale if cfg.lora is not None else 1.0
+    return w, b, adapters, dict(tied=cfg.tied_embeddings, lora_scale=s)
+
+
+def forward(params: Params, inputs, cfg: GPTConfig, backend: str = "manual", *,
+            dropout_key: jax.Array | None = None) -> jax.Array:
+    """Logits (B, T, V) for token ids ``inputs`` (B, T). Dropout only when ``dropout_key`` is given."""
+    _check_call(params, inputs, cfg, backend)
+    ops = BACKENDS[backend]
+    x = _hidden(params, inputs, cfg, ops, dropout_key)
+    w, b, adapters, settings = _head(params, cfg)
+    return ops.logits(x, w, b, adapters, **settings)
+
+
+def loss_fn(params: Params, inputs, targets, cfg: GPTConfig, backend: str = "manual", *,
+            dropout_key: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy over the counted targets (a target of -100 is ignored).
+
+    ``jax.grad(loss_fn)`` runs the hand-written backwards with ``backend="manual"`` and
+    JAX's autodiff of the plain-jnp twins with ``backend="autodiff"``.
+    """
+    _check_call(params, inputs, cfg, backend)
+    _check_ids("targets", targets, cfg, allow_ignore=True)
+    if targets.shape != inputs.shape:
+        raise ValueError(f"targets must have the shape of inputs {tuple(inputs.shape)}, "
+                         f"got {tuple(targets.shape)}")
+    ops = BACKENDS[backend]
+    x = _hidden(params, inputs, cfg, ops, dropout_key)
+    w, b, adapters, settings = _head(params, cfg)
+    return ops.logits_loss(x, w, b, targets, adapters, **settings)

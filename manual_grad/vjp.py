@@ -1,0 +1,85 @@
+"""The one helper that turns a hand-written ``(fwd, bwd)`` pair into a JAX op.
+
+Every layer in :mod:`manual_grad.layers` follows the same contract::
+
+    def layer_fwd(x, w, ..., *, setting):        # -> (y, residuals)
+    def layer_bwd(setting, residuals, dy):        # -> (dx, dw, ...)
+    layer = manual_vjp(layer_fwd, layer_bwd)      # the op the model calls
+
+* The positional parameters of ``fwd`` are the differentiable inputs: arrays or
+  pytrees of arrays (``None`` allowed for an absent bias, ``{}`` for no adapters).
+* Its keyword-only parameters are static settings (eps, number of heads, the causal
+  flag, a scale...). They must be hashable; they are never differentiated and are
+  handed to ``bwd`` first, positionally, in the order ``fwd`` declares them.
+* ``bwd`` returns one cotangent per positional input, each with the structure and
+  dtype of that input (``None`` for integer inputs such as token ids).
+
+The resulting op is an ordinary ``jax.custom_vjp`` function: it composes with
+``jit``, ``grad``, ``vmap`` and ``lax.scan``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import jax
+
+__all__ = ["manual_vjp"]
+
+
+def manual_vjp(fwd: Callable[..., tuple[Any, Any]], bwd: Callable[..., tuple]) -> Callable:
+    """Registers ``bwd`` as the vector-Jacobian product of ``fwd``'s first output.
+
+    Returns ``op(*inputs, **settings) -> y`` whose forward runs ``fwd`` (keeping
+    its residuals when differentiated) and whose backward runs ``bwd``.
+    """
+    signature = inspect.signature(fwd)
+    input_names = [
+        name for name, p in signature.parameters.items()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    setting_params = [p for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
+    setting_names = tuple(p.name for p in setting_params)
+    name = fwd.__name__.removesuffix("_fwd")
+
+    def primal(settings, *inputs):
+        y, _ = fwd(*inputs, **dict(zip(setting_names, settings)))
+        return y
+
+    def primal_fwd(settings, *inputs):
+        return fwd(*inputs, **dict(zip(setting_names, settings)))
+
+    def primal_bwd(settings, residuals, dy):
+        grads = bwd(*settings, residuals, dy)
+        if len(grads) != len(input_names):
+            raise TypeError(f"{bwd.__name__} returned {len(grads)} cotangents, "
+                            f"expected {len(input_names)} ({', '.join(input_names)})")
+        return tuple(grads)
+
+    op_core = jax.custom_vjp(primal, nondiff_argnums=(0,))
+    op_core.defvjp(primal_fwd, primal_bwd)
+
+    @functools.wraps(fwd)
+    def op(*inputs, **settings):
+        if len(inputs) != len(input_names):
+            raise TypeError(f"{name}() takes {len(input_names)} inputs "
+                            f"({', '.join(input_names)}), got {len(inputs)}")
+        unknown = set(settings) - set(setting_names)
+        if unknown:
+            raise TypeError(f"{name}() got unexpected setting(s) {sorted(unknown)}; "
+                            f"settings are {list(setting_names)}")
+        values = []
+        for p in setting_params:
+            if p.name in settings:
+                values.append(settings[p.name])
+            elif p.default is not p.empty:
+                values.append(p.default)
+            else:
+                raise TypeError(f"{name}() missing keyword setting {p.name!r}")
+        return op_core(tuple(values), *inputs)
+
+    op.__name__ = name
+    op.__qualname__ = name
+    op.fwd, op.bwd = fwd, bwd
+    return op
