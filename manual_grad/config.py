@@ -14,6 +14,11 @@ __all__ = ["GPTConfig", "LoRAConfig", "LORA_TARGETS", "PRESETS"]
 LORA_TARGETS = ("q", "k", "v", "o", "fc", "proj", "logits")
 ACTIVATIONS = ("gelu", "relu")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+HALF_DTYPES = ("bfloat16", "float16")
+# "lean": attention saves q, k, v, out and the row log-sum-exp and recomputes ρ tile by tile;
+# logits + loss run in token chunks and save the log-sum-exp; LayerNorm saves x, μ, 1/σ.
+# "paper": the paper's formulas verbatim, saving ρ, the logits and x̂.
+BACKWARDS = ("lean", "paper")
 
 
 def _require(ok: bool, name: str, expected: str, got) -> None:
@@ -71,7 +76,11 @@ class GPTConfig:
     bias: bool = True             # biases in the blocks' linear layers (q, k, v, out, fc, proj)
     causal: bool = True           # causal self-attention mask
     dropout: float = 0.0          # on the embeddings and each residual branch, in training only
-    dtype: str = "float32"        # dtype of parameters and compute
+    dtype: str = "float32"        # compute dtype: "float32", "float64", "bfloat16", "float16"
+    param_dtype: str | None = None  # storage dtype; None: float32 under a half dtype, else dtype
+    backward: str = "lean"        # manual backend: "lean" (flash attention, chunked loss) | "paper"
+    attn_block_size: int = 128    # tile size of the lean attention (tokens)
+    loss_chunk: int = 1024        # tokens per chunk of the lean logits + cross-entropy
     lora: LoRAConfig | None = None
 
     def __post_init__(self):
@@ -86,6 +95,11 @@ class GPTConfig:
         _require(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout",
                  "in [0, 1)", self.dropout)
         _require(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        _require(self.param_dtype is None or self.param_dtype in DTYPES, "param_dtype",
+                 f"None or one of {DTYPES}", self.param_dtype)
+        _require(self.backward in BACKWARDS, "backward", f"one of {BACKWARDS}", self.backward)
+        _positive_int("attn_block_size", self.attn_block_size)
+        _positive_int("loss_chunk", self.loss_chunk)
         if self.tied_embeddings and self.lm_head_bias:
             raise ValueError("lm_head_bias requires tied_embeddings=False (GPT-2's tied head has no bias)")
         if self.lora is not None:
@@ -93,6 +107,13 @@ class GPTConfig:
             smallest = min(self.n_embd, self.vocab_size if "logits" in self.lora.targets else self.n_embd)
             _require(self.lora.rank <= smallest, "lora.rank",
                      f"at most {smallest} (the smallest adapted layer dimension)", self.lora.rank)
+
+    @property
+    def storage_dtype(self) -> str:
+        """The parameters' dtype: ``param_dtype``, or float32 for half compute, else ``dtype``."""
+        if self.param_dtype is not None:
+            return self.param_dtype
+        return "float32" if self.dtype in HALF_DTYPES else self.dtype
 
     @property
     def head_size(self) -> int:

@@ -52,7 +52,7 @@ def init_params(cfg: GPTConfig, key: jax.Array) -> Params:
     if not isinstance(cfg, GPTConfig):
         raise ValueError(f"cfg must be a GPTConfig, got {type(cfg).__name__}")
     V, T, L, C, F = cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.mlp_width
-    dtype = jnp.dtype(cfg.dtype)
+    dtype = jnp.dtype(cfg.storage_dtype)
     k = iter(jax.random.split(key, 8))
 
     def normal(shape, std=0.02):
@@ -101,7 +101,7 @@ def attach_lora(params: Params, cfg: GPTConfig, key: jax.Array) -> Params:
     """
     if cfg.lora is None:
         raise ValueError("cfg.lora must be a LoRAConfig to attach adapters")
-    r, L, dtype = cfg.lora.rank, cfg.n_layer, jnp.dtype(cfg.dtype)
+    r, L, dtype = cfg.lora.rank, cfg.n_layer, jnp.dtype(cfg.storage_dtype)
     shapes = _adapter_shapes(cfg)
     keys = dict(zip(cfg.lora.targets, jax.random.split(key, len(cfg.lora.targets))))
 
@@ -220,10 +220,31 @@ def _check_call(params, inputs, cfg, backend):
 
 # --- the model -----------------------------------------------------------------------------
 
-def _hidden(params: Params, inputs, cfg: GPTConfig, ops: Ops, dropout_key) -> jax.Array:
-    """Token ids (B, T) -> final-LayerNorm output (B, T, C)."""
-    lora = params.get("lora", {})
+def _compute_params(params: Params, cfg: GPTConfig) -> Params:
+    """The parameters cast to the compute dtype (a no-op when they are stored in it); the
+    cast's transpose returns the gradients in the storage dtype."""
+    dtype = jnp.dtype(cfg.dtype)
+    return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
+def _layer_settings(cfg: GPTConfig, backend: str) -> dict[str, dict]:
+    """Static settings of each op: the lean or the paper backward for the manual backend."""
+    lean = backend == "manual" and cfg.backward == "lean"
     s = cfg.lora.scale if cfg.lora is not None else 1.0
+    return {
+        "layernorm": dict(eps=cfg.ln_eps, recompute=lean),
+        "attention": dict(n_head=cfg.n_head, causal=cfg.causal, lora_scale=s,
+                          block_size=cfg.attn_block_size if lean else None),
+        "mlp": dict(activation=cfg.activation, lora_scale=s),
+        "logits": dict(tied=cfg.tied_embeddings, lora_scale=s),
+        "loss": dict(tied=cfg.tied_embeddings, lora_scale=s, chunk=cfg.loss_chunk if lean else None),
+    }
+
+
+def _hidden(params: Params, inputs, cfg: GPTConfig, backend: str, dropout_key) -> jax.Array:
+    """Token ids (B, T) -> final-LayerNorm output (B, T, C)."""
+    ops, settings = BACKENDS[backend], _layer_settings(cfg, backend)
+    lora = params.get("lora", {})
     train = dropout_key is not None and cfg.dropout > 0
     rate = cfg.dropout if train else 0.0
     keys = jax.random.split(dropout_key if train else jax.random.key(0), 2 * cfg.n_layer + 1)
@@ -232,54 +253,51 @@ def _hidden(params: Params, inputs, cfg: GPTConfig, ops: Ops, dropout_key) -> ja
 
     def block(x, layer):
         p, adapters, (key_attn, key_mlp) = layer
-        h = ops.layernorm(x, p["ln1"]["scale"], p["ln1"]["bias"], eps=cfg.ln_eps)
+        h = ops.layernorm(x, p["ln1"]["scale"], p["ln1"]["bias"], **settings["layernorm"])
         a = ops.attention(h, p["attn"]["w_qkv"], p["attn"].get("b_qkv"), p["attn"]["w_o"],
-                          p["attn"].get("b_o"), adapters.get("attn", {}), n_head=cfg.n_head,
-                          causal=cfg.causal, lora_scale=s)
+                          p["attn"].get("b_o"), adapters.get("attn", {}), **settings["attention"])
         x = x + ops.dropout(a, key_attn, rate=rate)
-        h = ops.layernorm(x, p["ln2"]["scale"], p["ln2"]["bias"], eps=cfg.ln_eps)
+        h = ops.layernorm(x, p["ln2"]["scale"], p["ln2"]["bias"], **settings["layernorm"])
         m = ops.mlp(h, p["mlp"]["w_fc"], p["mlp"].get("b_fc"), p["mlp"]["w_proj"],
-                    p["mlp"].get("b_proj"), adapters.get("mlp", {}), activation=cfg.activation,
-                    lora_scale=s)
+                    p["mlp"].get("b_proj"), adapters.get("mlp", {}), **settings["mlp"])
         return x + ops.dropout(m, key_mlp, rate=rate), None
 
     layer_keys = keys[:-1].reshape(cfg.n_layer, 2)
     x, _ = jax.lax.scan(block, x, (params["blocks"], lora.get("blocks", {}), layer_keys))
-    return ops.layernorm(x, params["ln_f"]["scale"], params["ln_f"]["bias"], eps=cfg.ln_eps)
+    return ops.layernorm(x, params["ln_f"]["scale"], params["ln_f"]["bias"], **settings["layernorm"])
 
 
 def _head(params: Params, cfg: GPTConfig):
-    """(weight, bias, adapters, settings) of the logits layer."""
+    """(weight, bias, adapters) of the logits layer."""
     w = params["wte"] if cfg.tied_embeddings else params["lm_head"]["w"]
     b = None if cfg.tied_embeddings else params["lm_head"].get("b")
     adapters = {"logits": params["lora"]["logits"]} if "logits" in params.get("lora", {}) else {}
-    s = cfg.lora.scale if cfg.lora is not None else 1.0
-    return w, b, adapters, dict(tied=cfg.tied_embeddings, lora_scale=s)
+    return w, b, adapters
 
 
 def forward(params: Params, inputs, cfg: GPTConfig, backend: str = "manual", *,
             dropout_key: jax.Array | None = None) -> jax.Array:
     """Logits (B, T, V) for token ids ``inputs`` (B, T). Dropout only when ``dropout_key`` is given."""
     _check_call(params, inputs, cfg, backend)
-    ops = BACKENDS[backend]
-    x = _hidden(params, inputs, cfg, ops, dropout_key)
-    w, b, adapters, settings = _head(params, cfg)
-    return ops.logits(x, w, b, adapters, **settings)
+    params = _compute_params(params, cfg)
+    x = _hidden(params, inputs, cfg, backend, dropout_key)
+    return BACKENDS[backend].logits(x, *_head(params, cfg), **_layer_settings(cfg, backend)["logits"])
 
 
 def loss_fn(params: Params, inputs, targets, cfg: GPTConfig, backend: str = "manual", *,
             dropout_key: jax.Array | None = None) -> jax.Array:
     """Mean next-token cross-entropy over the counted targets (a target of -100 is ignored).
 
-    ``jax.grad(loss_fn)`` runs the hand-written backwards with ``backend="manual"`` and
-    JAX's autodiff of the plain-jnp twins with ``backend="autodiff"``.
+    ``jax.grad(loss_fn)`` runs the hand-written backwards with ``backend="manual"`` (the lean
+    or the paper variant, by ``cfg.backward``) and JAX's autodiff of the plain-jnp twins with
+    ``backend="autodiff"``. The loss is computed in at least float32.
     """
     _check_call(params, inputs, cfg, backend)
     _check_ids("targets", targets, cfg, allow_ignore=True)
     if targets.shape != inputs.shape:
         raise ValueError(f"targets must have the shape of inputs {tuple(inputs.shape)}, "
                          f"got {tuple(targets.shape)}")
-    ops = BACKENDS[backend]
-    x = _hidden(params, inputs, cfg, ops, dropout_key)
-    w, b, adapters, settings = _head(params, cfg)
-    return ops.logits_loss(x, w, b, targets, adapters, **settings)
+    params = _compute_params(params, cfg)
+    x = _hidden(params, inputs, cfg, backend, dropout_key)
+    w, b, adapters = _head(params, cfg)
+    return BACKENDS[backend].logits_loss(x, w, b, targets, adapters, **_layer_settings(cfg, backend)["loss"])

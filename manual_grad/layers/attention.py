@@ -18,17 +18,25 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from manual_grad.layers.lora import lora_project_bwd, lora_project_fwd, lora_project_ref
 from manual_grad.vjp import manual_vjp
 
 __all__ = ["attention", "attention_fwd", "attention_bwd", "attention_ref",
-           "attend_fwd", "attend_bwd", "attend_ref", "softmax_bwd",
+           "attend_fwd", "attend_bwd", "attend_ref", "softmax_bwd", "flash_attend_fwd",
+           "flash_attend_bwd",
            "split_heads", "merge_heads", "causal_mask"]
 
 
 # --- shape helpers ---------------------------------------------------------------------
+
+def accumulation_dtype(dtype):
+    """float32 for half-precision inputs (bf16, f16), else the input's own dtype."""
+    return jnp.promote_types(dtype, jnp.float32)
+
 
 def split_heads(x, n_head):
     """(B, T, C) -> (B, H, T, D)."""
@@ -50,8 +58,10 @@ def causal_mask(t_query, t_key):
 # --- scaled dot-product attention: the core shared by self- and cross-attention --------
 
 def _probs(q, k, causal):
-    """ρ = softmax(mask(q k^T / sqrt(D))): (B, H, Tq, D) x (B, H, Tk, D) -> (B, H, Tq, Tk)."""
-    scores = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    """ρ = softmax(mask(q k^T / sqrt(D))): (B, H, Tq, D) x (B, H, Tk, D) -> (B, H, Tq, Tk),
+    computed in at least float32."""
+    scores = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=accumulation_dtype(q.dtype))
+    scores = scores * (1.0 / math.sqrt(q.shape[-1]))
     if causal:
         scores = jnp.where(causal_mask(q.shape[-2], k.shape[-2]), scores, -jnp.inf)
     scores = scores - scores.max(-1, keepdims=True)
@@ -62,7 +72,7 @@ def _probs(q, k, causal):
 def attend_fwd(q, k, v, *, causal):
     """``out = ρ v``; returns ``(out (B, H, Tq, D), ρ (B, H, Tq, Tk))``."""
     probs = _probs(q, k, causal)
-    return probs @ v, probs                                          # (Tq, Tk) x (Tk, D) -> (Tq, D)
+    return probs.astype(v.dtype) @ v, probs                         # (Tq, Tk) x (Tk, D) -> (Tq, D)
 
 
 def softmax_bwd(probs, dprobs):
@@ -72,17 +82,116 @@ def softmax_bwd(probs, dprobs):
 
 def attend_bwd(q, k, v, probs, dout):
     """Backward of :func:`attend_fwd`: ``(dq, dk, dv)``, each shaped like its input."""
-    dv = probs.swapaxes(-1, -2) @ dout                               # ρ^T Δ: (Tk, Tq) x (Tq, D) -> (Tk, D)
-    dprobs = dout @ v.swapaxes(-1, -2)                               # G = Δ v^T: (Tq, D) x (D, Tk) -> (Tq, Tk)
-    dscores = softmax_bwd(probs, dprobs) * (1.0 / math.sqrt(q.shape[-1]))  # dS_raw: (Tq, Tk)
-    dq = dscores @ k                                                 # (Tq, Tk) x (Tk, D) -> (Tq, D)
-    dk = dscores.swapaxes(-1, -2) @ q                                # (Tk, Tq) x (Tq, D) -> (Tk, D)
-    return dq, dk, dv
+    acc = probs.dtype
+    dv = jnp.einsum("...qk,...qd->...kd", probs, dout, preferred_element_type=acc)   # ρ^T Δ: (Tk, D)
+    dprobs = jnp.einsum("...qd,...kd->...qk", dout, v, preferred_element_type=acc)   # G = Δ v^T: (Tq, Tk)
+    dscores = softmax_bwd(probs, dprobs) * (1.0 / math.sqrt(q.shape[-1]))          # dS_raw: (Tq, Tk)
+    dq = jnp.einsum("...qk,...kd->...qd", dscores, k, preferred_element_type=acc)    # dS_raw k: (Tq, D)
+    dk = jnp.einsum("...qk,...qd->...kd", dscores, q, preferred_element_type=acc)    # dS_raw^T q: (Tk, D)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def attend_ref(q, k, v, *, causal):
     """Plain-jnp twin of :func:`attend_fwd`'s output."""
     return _probs(q, k, causal) @ v
+
+
+# --- the same core, tiled: flash attention ---------------------------------------------
+#
+# Forward: tiles (query block i, key block j) with an online softmax; keeps only out and the
+# per-row log-sum-exp  lse = m + log Σ_j exp(S_ij - m)  (B, H, T): never the (T, T) matrix.
+# Backward: recomputes ρ_ij = exp(S_ij - lse_i) tile by tile, with delta = rowsum(Δ ∘ out)
+# (= rowsum(G ∘ ρ), since out = ρ v):  dS_ij = ρ_ij ∘ (Δ_i v_j^T - delta_i).
+# With a causal mask the tiles above the diagonal are skipped, in both passes.
+
+def _tile_pairs(n_blocks, causal):
+    """(n_tiles, 2) int array of (query block, key block), rows in query-block order."""
+    return np.array([(i, j) for i in range(n_blocks) for j in range(n_blocks) if not causal or j <= i],
+                    np.int32)
+
+
+def _pad_time(x, padded):
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, padded - x.shape[-2]), (0, 0)])
+
+
+def _tile_scores(q_i, k_j, i, j, block, T, causal):
+    """Masked S_ij = q_i k_j^T / sqrt(D), in at least float32: (B, H, b, D) x (B, H, b, D) -> (B, H, b, b)."""
+    s = jnp.einsum("...qd,...kd->...qk", q_i, k_j, preferred_element_type=accumulation_dtype(q_i.dtype))
+    s = s * (1.0 / math.sqrt(q_i.shape[-1]))
+    q_pos = i * block + jnp.arange(block)[:, None]
+    k_pos = j * block + jnp.arange(block)[None, :]
+    visible = (k_pos < T) & ((k_pos <= q_pos) if causal else True)
+    return jnp.where(visible, s, -jnp.inf)
+
+
+def _rows(x, i, block):
+    """Rows i*block:(i+1)*block of the time axis (axis 2 of (B, H, T, ...))."""
+    return jax.lax.dynamic_slice_in_dim(x, i * block, block, axis=2)
+
+
+def _add_rows(acc, i, block, update):
+    return jax.lax.dynamic_update_slice_in_dim(acc, _rows(acc, i, block) + update, i * block, axis=2)
+
+
+def flash_attend_fwd(q, k, v, *, causal, block):
+    """``out = ρ v`` tile by tile; returns ``(out (B, H, T, D), lse (B, H, T) float32)``."""
+    T = q.shape[-2]
+    n_blocks = -(-T // block)
+    q, k, v = (_pad_time(a, n_blocks * block) for a in (q, k, v))
+    f32 = accumulation_dtype(q.dtype)
+
+    def tile(carry, pair):
+        acc, m, l = carry                                   # (B, H, Tp, D), (B, H, Tp), (B, H, Tp)
+        i, j = pair[0], pair[1]
+        s = _tile_scores(_rows(q, i, block), _rows(k, j, block), i, j, block, T, causal)
+        m_old, l_old = _rows(m, i, block), _rows(l, i, block)    # (B, H, b)
+        m_new = jnp.maximum(m_old, s.max(-1))               # key 0 is visible to every row: finite
+        p = jnp.exp(s - m_new[..., None])                   # (B, H, b, b)
+        correction = jnp.exp(m_old - m_new)
+        pv = jnp.einsum("...qk,...kd->...qd", p.astype(v.dtype), _rows(v, j, block),
+                        preferred_element_type=f32)
+        acc_i = _rows(acc, i, block) * correction[..., None] + pv
+        acc = jax.lax.dynamic_update_slice_in_dim(acc, acc_i, i * block, axis=2)
+        m = jax.lax.dynamic_update_slice_in_dim(m, m_new, i * block, axis=2)
+        l = jax.lax.dynamic_update_slice_in_dim(l, l_old * correction + p.sum(-1), i * block, axis=2)
+        return (acc, m, l), None
+
+    init = (jnp.zeros(q.shape, f32), jnp.full(q.shape[:-1], -jnp.inf, f32), jnp.zeros(q.shape[:-1], f32))
+    (acc, m, l), _ = jax.lax.scan(tile, init, _tile_pairs(n_blocks, causal))
+    out = (acc / l[..., None]).astype(q.dtype)[..., :T, :]
+    return out, (m + jnp.log(l))[..., :T]
+
+
+def flash_attend_bwd(q, k, v, out, lse, dout, *, causal, block):
+    """Backward of :func:`flash_attend_fwd`: ``(dq, dk, dv)``, ρ recomputed tile by tile."""
+    T = q.shape[-2]
+    n_blocks = -(-T // block)
+    Tp = n_blocks * block
+    f32 = accumulation_dtype(q.dtype)
+    delta = jnp.einsum("...d,...d->...", dout.astype(f32), out.astype(f32))       # (B, H, T)
+    q, k, v, dout = (_pad_time(a, Tp) for a in (q, k, v, dout))
+    lse, delta = (jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, Tp - T)]) for a in (lse, delta))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    def tile(carry, pair):
+        dq, dk, dv = carry                                  # float32 (B, H, Tp, D)
+        i, j = pair[0], pair[1]
+        q_i, k_j, v_j, dout_i = _rows(q, i, block), _rows(k, j, block), _rows(v, j, block), _rows(dout, i, block)
+        s = _tile_scores(q_i, k_j, i, j, block, T, causal)
+        p = jnp.exp(s - _rows(lse, i, block)[..., None])                     # ρ_ij: (B, H, b, b)
+        dv = _add_rows(dv, j, block, jnp.einsum("...qk,...qd->...kd", p.astype(dout.dtype), dout_i,
+                                                 preferred_element_type=f32))   # ρ^T Δ
+        dp = jnp.einsum("...qd,...kd->...qk", dout_i, v_j, preferred_element_type=f32)   # G = Δ v^T
+        ds = p * (dp - _rows(delta, i, block)[..., None]) * scale           # dS_raw: (B, H, b, b)
+        dq = _add_rows(dq, i, block, jnp.einsum("...qk,...kd->...qd", ds.astype(k.dtype), k_j,
+                                                 preferred_element_type=f32))
+        dk = _add_rows(dk, j, block, jnp.einsum("...qk,...qd->...kd", ds.astype(q.dtype), q_i,
+                                                 preferred_element_type=f32))
+        return (dq, dk, dv), None
+
+    zeros = jnp.zeros(q.shape, f32)
+    (dq, dk, dv), _ = jax.lax.scan(tile, (zeros, zeros, zeros), _tile_pairs(n_blocks, causal))
+    return tuple(g[..., :T, :].astype(a.dtype) for g, a in ((dq, q), (dk, k), (dv, v)))
 
 
 # --- the self-attention layer ----------------------------------------------------------
@@ -99,27 +208,36 @@ def _split_adapters(adapters):
             {k: v for k, v in adapters.items() if k == "o"})
 
 
-def attention_fwd(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, lora_scale=1.0):
+def attention_fwd(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, lora_scale=1.0,
+                  block_size=None):
     """Multi-head self-attention ``y = attend(x W_qkv + b_qkv) W_o + b_o``.
 
     ``adapters``: optional LoRA adapters named "q", "k", "v" (on W_qkv's parts) and "o".
-    Saves x (B, T, C), q, k, v (B, H, T, D), ρ (B, H, T, T) and the merged heads (B, T, C).
+    ``block_size=None`` (the paper's backward) saves x (B, T, C), q, k, v, the heads' output
+    (B, H, T, D) and ρ (B, H, T, T). ``block_size=b`` (flash) saves the same but the per-row
+    log-sum-exp (B, H, T) instead of ρ, and works on (b, b) tiles in both passes.
     """
     qkv_adapters, o_adapters = _split_adapters(adapters)
     qkv, xa_qkv = lora_project_fwd(x, w_qkv, b_qkv, qkv_adapters, parts=QKV, scale=lora_scale)
     q, k, v = (split_heads(part, n_head) for part in jnp.split(qkv, 3, axis=-1))   # (B, H, T, D)
-    heads, probs = attend_fwd(q, k, v, causal=causal)
-    merged = merge_heads(heads)                                                       # (B, T, C)
-    y, xa_o = lora_project_fwd(merged, w_o, b_o, o_adapters, parts=("o",), scale=lora_scale)
-    return y, (x, q, k, v, probs, merged, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o)
+    if block_size is None:
+        heads, softmax_state = attend_fwd(q, k, v, causal=causal)                    # ρ
+    else:
+        heads, softmax_state = flash_attend_fwd(q, k, v, causal=causal, block=block_size)  # lse
+    y, xa_o = lora_project_fwd(merge_heads(heads), w_o, b_o, o_adapters, parts=("o",), scale=lora_scale)
+    return y, (x, q, k, v, heads, softmax_state, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o)
 
 
-def attention_bwd(n_head, causal, lora_scale, residuals, dy):
-    x, q, k, v, probs, merged, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o = residuals
+def attention_bwd(n_head, causal, lora_scale, block_size, residuals, dy):
+    x, q, k, v, heads, softmax_state, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o = residuals
     qkv_adapters, o_adapters = _split_adapters(adapters)
     dmerged, dw_o, db_o, do_adapters = lora_project_bwd(
-        merged, w_o, b_o, o_adapters, xa_o, dy, parts=("o",), scale=lora_scale)     # (B, T, C)
-    dq, dk, dv = attend_bwd(q, k, v, probs, split_heads(dmerged, n_head))             # (B, H, T, D)
+        merge_heads(heads), w_o, b_o, o_adapters, xa_o, dy, parts=("o",), scale=lora_scale)  # (B, T, C)
+    dheads = split_heads(dmerged, n_head)                                             # (B, H, T, D)
+    if block_size is None:
+        dq, dk, dv = attend_bwd(q, k, v, softmax_state, dheads)
+    else:
+        dq, dk, dv = flash_attend_bwd(q, k, v, heads, softmax_state, dheads, causal=causal, block=block_size)
     dqkv = jnp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], -1)   # (B, T, 3C)
     dx, dw_qkv, db_qkv, dqkv_adapters = lora_project_bwd(
         x, w_qkv, b_qkv, qkv_adapters, xa_qkv, dqkv, parts=QKV, scale=lora_scale)
@@ -132,8 +250,9 @@ def attention_bwd(n_head, causal, lora_scale, residuals, dy):
 attention = manual_vjp(attention_fwd, attention_bwd)
 
 
-def attention_ref(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, lora_scale=1.0):
-    """Plain-jnp twin of :func:`attention`."""
+def attention_ref(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, lora_scale=1.0,
+                  block_size=None):
+    """Plain-jnp twin of :func:`attention` (``block_size`` only tiles the manual op)."""
     qkv_adapters, o_adapters = _split_adapters(adapters)
     qkv = lora_project_ref(x, w_qkv, b_qkv, qkv_adapters, parts=QKV, scale=lora_scale)
     q, k, v = (split_heads(part, n_head) for part in jnp.split(qkv, 3, axis=-1))

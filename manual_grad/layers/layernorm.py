@@ -18,36 +18,54 @@ from manual_grad.vjp import manual_vjp
 __all__ = ["layernorm", "layernorm_fwd", "layernorm_bwd", "layernorm_ref"]
 
 
-def _normalise(x, eps):
-    """(x̂, 1/σ) with statistics over the last axis: (..., C), (..., 1)."""
+def _statistics(x, eps):
+    """(μ, 1/σ) over the last axis, in at least float32: (..., 1), (..., 1)."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean = x.mean(-1, keepdims=True)
     centred = x - mean
-    var = (centred * centred).mean(-1, keepdims=True)
-    rstd = 1.0 / jnp.sqrt(var + eps)
-    return centred * rstd, rstd
+    return mean, 1.0 / jnp.sqrt((centred * centred).mean(-1, keepdims=True) + eps)
 
 
-def layernorm_fwd(x, scale, bias, *, eps):
-    """``y = x̂ ∘ scale + bias``. Saves x̂ (B, T, C) and 1/σ (B, T, 1), plus the parameters."""
-    xhat, rstd = _normalise(x, eps)
-    return xhat * scale + bias, (xhat, rstd, scale)
+def _normalise(x, eps):
+    """(x̂, 1/σ), x̂ in at least float32: (..., C), (..., 1)."""
+    mean, rstd = _statistics(x, eps)
+    return (x.astype(mean.dtype) - mean) * rstd, rstd
 
 
-def layernorm_bwd(eps, residuals, dy):
-    xhat, rstd, scale = residuals
-    g = dy * scale                                                      # (B, T, C)
+def layernorm_fwd(x, scale, bias, *, eps, recompute=False):
+    """``y = x̂ ∘ scale + bias``, statistics in at least float32, y in x's dtype.
+
+    ``recompute=False`` (the paper's) saves x̂ (B, T, C) and 1/σ (B, T, 1); ``recompute=True``
+    saves x itself (in its own dtype, half the bytes of a float32 x̂ under bf16) with μ and 1/σ
+    (B, T, 1), and rebuilds x̂ in the backward.
+    """
+    mean, rstd = _statistics(x, eps)
+    xhat = (x.astype(mean.dtype) - mean) * rstd
+    y = (xhat * scale + bias).astype(x.dtype)
+    return y, ((x, mean, rstd) if recompute else (xhat, rstd), scale)
+
+
+def layernorm_bwd(eps, recompute, residuals, dy):
+    saved, scale = residuals
+    if recompute:
+        x, mean, rstd = saved
+        xhat = (x.astype(mean.dtype) - mean) * rstd
+    else:
+        xhat, rstd = saved
+    dy32 = dy.astype(xhat.dtype)
+    g = dy32 * scale                                                    # (B, T, C)
     dx = (g - g.mean(-1, keepdims=True)
           - xhat * (xhat * g).mean(-1, keepdims=True)) * rstd            # (B, T, C)
     C = dy.shape[-1]
-    dscale = (xhat * dy).reshape(-1, C).sum(0)                          # (C,)
-    dbias = dy.reshape(-1, C).sum(0)                                    # (C,)
-    return dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+    dscale = (xhat * dy32).reshape(-1, C).sum(0)                        # (C,)
+    dbias = dy32.reshape(-1, C).sum(0)                                  # (C,)
+    return dx.astype(dy.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
 layernorm = manual_vjp(layernorm_fwd, layernorm_bwd)
 
 
-def layernorm_ref(x, scale, bias, *, eps):
-    """Plain-jnp twin of :func:`layernorm`."""
+def layernorm_ref(x, scale, bias, *, eps, recompute=False):
+    """Plain-jnp twin of :func:`layernorm` (``recompute`` only changes what the op saves)."""
     xhat, _ = _normalise(x, eps)
-    return xhat * scale + bias
+    return (xhat * scale + bias).astype(x.dtype)

@@ -4,8 +4,10 @@ cross-entropy on next-token targets.
 Logits:   z = x W_out + b,  with W_out = W_tok^T when tied                     (B, T, V)
 Loss:     L = (1/N) Σ_{counted tokens} (logsumexp(z_t) - z_t[target_t]),  N = #counted
           a target of -100 is ignored; with no counted token L = 0 and every gradient is 0.
-Backward: Δ_z = (softmax(z) - onehot(target)) ∘ counted / N ... then the linear layer's
+Backward: Δ_z = (softmax(z) - onehot(target)) ∘ counted / N, then the linear layer's
           dx = Δ_z W_out^T,  dW_out = x^T Δ_z,  db = Σ_tokens Δ_z.
+The logits are computed in the compute dtype; log-sum-exp, softmax and the loss in at least
+float32.
 """
 from __future__ import annotations
 
@@ -63,42 +65,96 @@ def logits_ref(x, w, b, adapters, *, tied, lora_scale=1.0):
 # --- logits + cross-entropy, fused ------------------------------------------------------
 
 def _counted(targets):
-    """(mask of counted tokens (B, T), N = max(#counted, 1))."""
+    """(mask of counted tokens, N = max(#counted, 1))."""
     counted = targets != IGNORE_INDEX
     return counted, jnp.maximum(counted.sum(), 1)
 
 
-def _cross_entropy(z, targets):
-    """Mean next-token cross-entropy of logits z (B, T, V) and its softmax."""
-    counted, n = _counted(targets)
-    z = z - jax.lax.stop_gradient(z.max(-1, keepdims=True))
-    lse = jnp.log(jnp.exp(z).sum(-1))                                            # (B, T)
+def _token_nll(z, targets):
+    """(lse, nll) per token of logits z (..., V), in at least float32; nll is 0 where ignored."""
+    z = z.astype(jnp.promote_types(z.dtype, jnp.float32))
+    z_max = jax.lax.stop_gradient(z.max(-1, keepdims=True))
+    lse = jnp.log(jnp.exp(z - z_max).sum(-1)) + z_max[..., 0]                           # (...,)
+    counted = targets != IGNORE_INDEX
     z_target = jnp.take_along_axis(z, jnp.where(counted, targets, 0)[..., None], -1)[..., 0]
-    return jnp.where(counted, lse - z_target, 0).sum() / n
+    return lse, jnp.where(counted, lse - z_target, 0)
 
 
-def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0):
+def _dlogits(z, lse, targets, scale):
+    """Δ_z = (softmax(z) - onehot(target)) ∘ counted · scale, softmax rebuilt from lse (..., V)."""
+    probs = jnp.exp(z.astype(lse.dtype) - lse[..., None])
+    onehot = jax.nn.one_hot(targets, z.shape[-1], dtype=lse.dtype)                    # 0 row for -100
+    return ((probs - onehot) * ((targets != IGNORE_INDEX) * scale)[..., None]).astype(z.dtype)
+
+
+def _token_chunks(a, chunk, fill):
+    """(N, ...) -> (n_chunks, chunk, ...), padding the last chunk with ``fill``."""
+    n_chunks = -(-a.shape[0] // chunk)
+    pad = [(0, n_chunks * chunk - a.shape[0])] + [(0, 0)] * (a.ndim - 1)
+    return jnp.pad(a, pad, constant_values=fill).reshape(n_chunks, chunk, *a.shape[1:])
+
+
+def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=None):
     """Mean cross-entropy of ``z = x W_out + b`` against ``targets`` (-100 = ignored).
 
-    Saves x (B, T, C), the parameters and the softmax probabilities (B, T, V).
+    ``chunk=None`` (the paper's backward) saves x (B, T, C), the parameters and the logits
+    (B, T, V). ``chunk=c`` saves only the per-token log-sum-exp (B, T): both passes then run
+    over c tokens at a time, so no (B·T, V) array of logits or of their gradient ever exists.
     """
-    z, (_, _, _, _, xa) = logits_fwd(x, w, b, adapters, tied=tied, lora_scale=lora_scale)
-    probs = jax.nn.softmax(z, axis=-1)                                          # (B, T, V)
-    return _cross_entropy(z, targets), (x, w, b, targets, adapters, xa, probs)
+    _check_adapters(adapters)
+    n = _counted(targets)[1]
+    if chunk is None:
+        z, (_, _, _, _, xa) = logits_fwd(x, w, b, adapters, tied=tied, lora_scale=lora_scale)
+        lse, nll = _token_nll(z, targets)
+        return nll.sum() / n, (x, w, b, targets, adapters, xa, (z, lse))
+
+    w_out, C = _out_weight(w, tied), x.shape[-1]
+
+    def loss_chunk(total, chunk_inputs):
+        x_c, t_c = chunk_inputs                                                      # (c, C), (c,)
+        z, _ = lora_project_fwd(x_c, w_out, b, adapters, parts=("logits",), scale=lora_scale)  # (c, V)
+        lse, nll = _token_nll(z, t_c)
+        return total + nll.sum(), lse
+
+    total, lse = jax.lax.scan(loss_chunk, jnp.zeros((), jnp.promote_types(x.dtype, jnp.float32)),
+                              (_token_chunks(x.reshape(-1, C), chunk, 0),
+                               _token_chunks(targets.reshape(-1), chunk, IGNORE_INDEX)))
+    lse = lse.reshape(-1)[: targets.size].reshape(targets.shape)                    # (B, T)
+    return total / n, (x, w, b, targets, adapters, None, lse)
 
 
-def logits_loss_bwd(tied, lora_scale, residuals, dloss):
-    x, w, b, targets, adapters, xa, probs = residuals
-    counted, n = _counted(targets)
-    onehot = jax.nn.one_hot(targets, probs.shape[-1], dtype=probs.dtype)       # 0 row for -100
-    dz = (probs - onehot) * (counted[..., None] * (dloss / n)).astype(probs.dtype)  # Δ_z: (B, T, V)
-    dx, dw, db, dadapters = logits_bwd(tied, lora_scale, (x, w, b, adapters, xa), dz)
-    return dx, dw, db, None, dadapters
+def logits_loss_bwd(tied, lora_scale, chunk, residuals, dloss):
+    x, w, b, targets, adapters, xa, softmax_state = residuals
+    scale = dloss / _counted(targets)[1]
+    if chunk is None:
+        z, lse = softmax_state
+        dz = _dlogits(z, lse, targets, scale)                                        # Δ_z: (B, T, V)
+        dx, dw, db, dadapters = logits_bwd(tied, lora_scale, (x, w, b, adapters, xa), dz)
+        return dx, dw, db, None, dadapters
+
+    w_out, C = _out_weight(w, tied), x.shape[-1]
+
+    def grad_chunk(grads, chunk_inputs):
+        x_c, t_c, lse_c = chunk_inputs
+        z, xa_c = lora_project_fwd(x_c, w_out, b, adapters, parts=("logits",), scale=lora_scale)
+        dz = _dlogits(z, lse_c, t_c, scale)                                          # (c, V)
+        dx_c, *chunk_grads = lora_project_bwd(x_c, w_out, b, adapters, xa_c, dz,
+                                               parts=("logits",), scale=lora_scale)
+        return jax.tree.map(jnp.add, grads, tuple(chunk_grads)), dx_c
+
+    zero_grads = jax.tree.map(jnp.zeros_like, (w_out, b, adapters))
+    (dw, db, dadapters), dx = jax.lax.scan(
+        grad_chunk, zero_grads, (_token_chunks(x.reshape(-1, C), chunk, 0),
+                                 _token_chunks(targets.reshape(-1), chunk, IGNORE_INDEX),
+                                 _token_chunks(softmax_state.reshape(-1), chunk, 0)))
+    dx = dx.reshape(-1, C)[: targets.size].reshape(x.shape)
+    return dx, _out_weight(dw, tied), db, None, dadapters
 
 
 logits_loss = manual_vjp(logits_loss_fwd, logits_loss_bwd)
 
 
-def logits_loss_ref(x, w, b, targets, adapters, *, tied, lora_scale=1.0):
-    """Plain-jnp twin of :func:`logits_loss`."""
-    return _cross_entropy(logits_ref(x, w, b, adapters, tied=tied, lora_scale=lora_scale), targets)
+def logits_loss_ref(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=None):
+    """Plain-jnp twin of :func:`logits_loss` (``chunk`` only chunks the manual op)."""
+    z = logits_ref(x, w, b, adapters, tied=tied, lora_scale=lora_scale)
+    return _token_nll(z, targets)[1].sum() / _counted(targets)[1]

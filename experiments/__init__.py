@@ -1,0 +1,1 @@
+"""One script per paper claim or open question; see experiments/README.md."""

@@ -1,0 +1,129 @@
+"""Shared test machinery: compare a hand-written VJP with JAX's autodiff of the ``*_ref`` twin."""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+# Relative tolerance per dtype for manual-vs-autodiff gradients (DESIGN.md).
+GRAD_RTOL = {"float64": 1e-12, "float32": 1e-5}
+# Below this fraction of the largest cotangent's norm, an array is rounding noise (see below).
+NOISE_FLOOR = {"float64": 1e-10, "float32": 1e-4}
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| (0 when both are exactly 0)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    diff, ref = np.linalg.norm(a - b), np.linalg.norm(b)
+    return 0.0 if diff == 0 else float(diff / ref) if ref > 0 else float("inf")
+
+
+def normal(key, shape, dtype, scale=1.0):
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def random_tree(key, tree, scale=1.0):
+    """A pytree shaped like ``tree`` with N(0, scale^2) floating leaves."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    return jax.tree.unflatten(treedef, [normal(k, l.shape, l.dtype, scale) for k, l in zip(keys, leaves)])
+
+
+def _is_float_input(arg) -> bool:
+    leaves = jax.tree.leaves(arg)
+    return bool(leaves) and all(jnp.issubdtype(l.dtype, jnp.floating) for l in leaves)
+
+
+def differentiable(fn, args, settings):
+    """(g, float_args): g(*float_args) = fn(*args, **settings) with non-float inputs held fixed."""
+    index = [i for i, a in enumerate(args) if _is_float_input(a)]
+
+    def g(*float_args):
+        full = list(args)
+        for i, a in zip(index, float_args):
+            full[i] = a
+        return fn(*full, **settings)
+
+    return g, [args[i] for i in index]
+
+
+def vjp_both(op, ref, args, settings, key):
+    """Outputs and input cotangents of ``op`` and ``ref`` for one random output cotangent
+    (each computed by one jitted forward + backward)."""
+    g_op, float_args = differentiable(op, args, settings)
+    g_ref, _ = differentiable(ref, args, settings)
+    ct = random_tree(key, jax.eval_shape(g_op, *float_args))
+
+    def forward_backward(g):
+        @jax.jit
+        def run(float_args, ct):
+            y, vjp = jax.vjp(g, *float_args)
+            return y, vjp(ct)
+        return run(float_args, ct)
+
+    (y, grads), (y_ref, grads_ref) = forward_backward(g_op), forward_backward(g_ref)
+    return y, y_ref, grads, grads_ref
+
+
+def assert_vjp_matches(op, ref, args, settings=None, *, key=None, rtol=None):
+    """Same forward value, and every cotangent within ``rtol`` (by dtype) of autodiff's."""
+    settings = settings or {}
+    key = jax.random.key(1) if key is None else key
+    y, y_ref, grads, grads_ref = vjp_both(op, ref, args, settings, key)
+    dtype = str(jax.tree.leaves(y)[0].dtype)
+    tol = rtol if rtol is not None else GRAD_RTOL[dtype]
+    for out, out_ref in zip(jax.tree.leaves(y), jax.tree.leaves(y_ref)):
+        assert out.dtype == out_ref.dtype and out.shape == out_ref.shape
+        assert rel_err(out, out_ref) <= tol, f"forward differs: {rel_err(out, out_ref):.3g}"
+    paths = jax.tree_util.tree_leaves_with_path(grads_ref)
+    leaves = jax.tree.leaves(grads)
+    assert len(leaves) == len(paths), "cotangent structures differ"
+    # An array that is analytically 0 (e.g. dq, dk when T = 1: ρ = 1, so dS = 0) is rounding
+    # noise in both; its relative error means nothing, so it must only be as small as noise.
+    largest = max(float(np.linalg.norm(np.asarray(g, np.float64))) for _, g in paths)
+    noise = NOISE_FLOOR[dtype] * largest
+    for g, (path, g_ref) in zip(leaves, paths):
+        name = jax.tree_util.keystr(path)
+        assert g.dtype == g_ref.dtype and g.shape == g_ref.shape, name
+        if np.linalg.norm(np.asarray(g_ref, np.float64)) <= noise:
+            assert np.linalg.norm(np.asarray(g, np.float64)) <= noise, f"gradient {name} should be ~0"
+            continue
+        err = rel_err(g, g_ref)
+        assert err <= tol, f"gradient {name}: rel err {err:.3g} > {tol:g}"
+    return grads
+
+
+def check_finite_differences(op, args, settings=None, *, eps=1e-6, rtol=1e-5):
+    """``jax.test_util.check_grads`` (reverse mode, float64) on the manual op."""
+    g, float_args = differentiable(op, args, settings or {})
+    check_grads(g, float_args, order=1, modes=("rev",), eps=eps, atol=rtol, rtol=rtol)
+
+
+def pairwise_grid(factors: dict[str, list]) -> list[dict]:
+    """A small list of settings in which every pair of values of every two factors appears
+    together at least once (greedy all-pairs covering), deterministic."""
+    names = list(factors)
+    uncovered = {(a, va, b, vb) for a, b in itertools.combinations(names, 2)
+                 for va in range(len(factors[a])) for vb in range(len(factors[b]))}
+    rows = []
+    candidates = list(itertools.product(*(range(len(factors[n])) for n in names)))
+    while uncovered:
+        def gain(c):
+            return sum((a, c[i], b, c[j]) in uncovered
+                       for (i, a), (j, b) in itertools.combinations(enumerate(names), 2))
+        best = max(candidates, key=gain)
+        rows.append(best)
+        uncovered -= {(a, best[i], b, best[j]) for (i, a), (j, b) in itertools.combinations(enumerate(names), 2)}
+    return [{n: factors[n][v] for n, v in zip(names, row)} for row in rows]
+
+
+def pairwise_cases(**factors) -> list:
+    """``pytest.param``s covering every pair of values of every two factors (see
+    :func:`pairwise_grid`), each a dict, with readable ids: use as
+    ``@pytest.mark.parametrize("case", pairwise_cases(dtype=[...], n_head=[...]))``."""
+    return [pytest.param(case, id="-".join(f"{k}={v}" for k, v in case.items()))
+            for case in pairwise_grid(factors)]

@@ -1,0 +1,159 @@
+"""The command line (manual_grad.cli): help, a tiny train/resume/sample round, one-line errors."""
+import json
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from manual_grad import GPTConfig, init_params
+from manual_grad.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from manual_grad.cli import main
+from manual_grad.data import _bytes_to_unicode
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "4",
+        "--eval-iters", "1", "--log-interval", "5", "--sample-tokens", "0"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("abcab cabba bca. " * 60)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    """A tiny run trained through the CLI."""
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--data", str(corpus), "--out-dir", str(out), "--max-iters", "5", "--eval-interval", "5",
+                 *TINY]) == 0
+    return out
+
+
+def _fails(capsys, argv, message):
+    """The command exits non-zero with one stderr line naming the problem, and no traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("manual-grad"), err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "finetune"])
+def test_help(capsys, command):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    flags = {"train": ["--data", "--n-layer", "--block-size", "--resume", "--backend", "--eval-iters"],
+             "sample": ["--prompt", "--max-new-tokens", "--temperature", "--top-k", "--seed", "--from-hf"],
+             "finetune": ["--init-from", "--lora-rank", "--lora-alpha", "--lora-targets", "--merge"]}[command]
+    assert all(flag in out for flag in flags)
+
+
+def test_train_writes_outputs_and_sample_continues_the_prompt(run, capsys):
+    for name in ("ckpt.mgc", "metrics.json", "metrics.csv", "loss.png"):
+        assert (run / name).is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["eval"]] == [0, 5] and metrics["backend"] == "manual"
+    capsys.readouterr()
+    argv = ["sample", "--out-dir", str(run), "--prompt", "ab", "--max-new-tokens", "12", "--seed", "3"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("ab") and len(first.rstrip("\n")) == 14
+    assert set(first.rstrip("\n")) <= set("abc .")
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first                              # same seed, same text
+
+
+def test_resume_continues_and_refuses_another_config(run, corpus, capsys):
+    before = verify_checkpoint(run / "ckpt.mgc")
+    _fails(capsys, ["train", "--resume", "--out-dir", str(run), "--n-layer", "2"], "another config")
+    assert verify_checkpoint(run / "ckpt.mgc") == before
+    assert main(["train", "--resume", "--out-dir", str(run), "--max-iters", "7"]) == 0
+    assert load_checkpoint(run / "ckpt.mgc").meta["step"] == 7
+
+
+def test_checkpoint_whose_arrays_do_not_fit_its_config(run, tmp_path, capsys):
+    meta = load_checkpoint(run / "ckpt.mgc").meta
+    cfg = GPTConfig.from_dict(meta["model_config"]).replace(n_embd=8)
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
+    save_checkpoint(tmp_path / "ckpt.mgc", meta, params=params)
+    _fails(capsys, ["sample", "--out-dir", str(tmp_path)], "another config")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_unreadable_checkpoint_is_never_overwritten(corpus, tmp_path, capsys, resume):
+    damaged = tmp_path / "ckpt.mgc"
+    damaged.write_bytes(b"MANUALGRAD-CKPT 1\n{\"sha256\": \"00\", \"size\": 3}\nabc")
+    _fails(capsys, ["train", "--data", str(corpus), "--out-dir", str(tmp_path), *TINY] + (["--resume"] if resume else []),
+           "checksum")
+    assert damaged.read_bytes() == b"MANUALGRAD-CKPT 1\n{\"sha256\": \"00\", \"size\": 3}\nabc"
+
+
+def _bad_inputs(tmp_path, corpus):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("abc abc abc abc")
+    other = tmp_path / "other.txt"
+    other.write_text("xyz " * 100)
+    data = ["--data", str(corpus), "--out-dir", str(tmp_path / "out")]
+    return [
+        (["train", "--data", str(tmp_path / "missing.txt")], "does not exist"),
+        (["train", "--data", str(empty)], "is empty"),
+        (["train", "--data", str(short), "--block-size", "64"], "block_size=64 is too large"),
+        (["train", *data, "--block-size", "16", "--val-fraction", "0.99"], "too large for the train split"),
+        (["train", *data, "--backend", "symbolic"], "invalid choice: 'symbolic'"),
+        (["train", *data, "--tokenizer", "words"], "invalid choice: 'words'"),
+        (["train", *data, "--n-layer", "0"], "expected a positive integer"),
+        (["train", *data, "--n-head", "3", "--n-embd", "16"], "divisible"),
+        (["train", *data, "--dropout", "1.5"], "dropout must be in [0, 1)"),
+        (["train", *data, "--tokenizer", "gpt2"], "bpe_dir"),
+        (["train", *data, "--colour", "blue"], "unrecognized arguments: --colour"),
+        (["train", "--resume", "--out-dir", str(tmp_path / "nothing")], "does not exist"),
+        (["sample", "--out-dir", str(tmp_path / "nothing")], "does not exist"),
+        (["finetune", *data], "one of the arguments --init-from --from-hf is required"),
+        (["finetune", *data, "--init-from", str(tmp_path), "--lora-targets", "q,w"], "subset of q,k,v,o,fc,proj,logits"),
+        (["finetune", *data, "--init-from", str(tmp_path / "nothing")], "does not exist"),
+        ([], "the following arguments are required: COMMAND"),
+    ]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, corpus, capsys):
+    for argv, message in _bad_inputs(tmp_path, corpus):
+        _fails(capsys, argv, message)
+    assert not (tmp_path / "out").exists()                              # nothing written
+
+
+def test_finetune_text_outside_the_base_vocabulary(run, tmp_path, capsys):
+    other = tmp_path / "other.txt"
+    other.write_text("xyz " * 100)
+    _fails(capsys, ["finetune", "--init-from", str(run), "--data", str(other), "--out-dir", str(tmp_path / "ft")],
+           "outside the tokenizer's vocabulary")
+
+
+def test_error_from_the_console_entry_point_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "manual_grad", "train", "--data", str(tmp_path / "nope.txt")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sample_from_hf_folder(tmp_path, capsys, monkeypatch):
+    """--from-hf goes through manual_grad.interop.load_gpt2(path) -> (params, cfg) and the
+    folder's vocab.json/merges.txt (a stand-in loader: the interop module is tested on its own)."""
+    byte_chars = list(_bytes_to_unicode().values())
+    (tmp_path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(byte_chars)}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    cfg = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    calls = []
+
+    def load_gpt2(path):
+        calls.append(str(path))
+        return jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)), cfg
+    monkeypatch.setitem(sys.modules, "manual_grad.interop", types.SimpleNamespace(load_gpt2=load_gpt2))
+    assert main(["sample", "--from-hf", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0
+    assert calls == [str(tmp_path)]
+    assert capsys.readouterr().out.startswith("hi")

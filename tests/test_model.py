@@ -1,0 +1,246 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from manual_grad import GPTConfig, LoRAConfig, count_params, forward, init_params, loss_fn
+from manual_grad.model import IGNORE_INDEX, merge_lora
+from tests.helpers import GRAD_RTOL, normal, pairwise_grid, random_tree, rel_err
+
+ALL_TARGETS = ("q", "k", "v", "o", "fc", "proj", "logits")
+
+
+def random_model(cfg, seed=0, scale=0.3):
+    """init_params plus N(0, scale^2) noise on every leaf: biases, LN and LoRA B non-trivial.
+
+    (At GPT-2 init the gradients of a tiny model are small differences of nearly equal
+    terms; perturbing keeps the comparison about the backward, not about cancellation.)
+    """
+    params = init_params(cfg, jax.random.key(seed))
+    noise = random_tree(jax.random.key(seed + 1), params, scale)
+    return jax.tree.map(jnp.add, params, noise)
+
+
+def tokens(cfg, B, T, seed=0, ignore=0.0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed + 100), 3)
+    inputs = jax.random.randint(k1, (B, T), 0, cfg.vocab_size)
+    targets = jax.random.randint(k2, (B, T), 0, cfg.vocab_size)
+    return inputs, jnp.where(jax.random.uniform(k3, (B, T)) < ignore, IGNORE_INDEX, targets)
+
+
+def assert_grads_match(cfg, B, T, seed=0, ignore=0.0):
+    params = random_model(cfg, seed)
+    inputs, targets = tokens(cfg, B, T, seed, ignore)
+    results = {}
+    for backend in ("manual", "autodiff"):
+        step = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(3, 4))
+        results[backend] = step(params, inputs, targets, cfg, backend)
+    (loss, grads), (loss_ref, grads_ref) = results["manual"], results["autodiff"]
+    tol = GRAD_RTOL[cfg.dtype]
+    assert rel_err(loss, loss_ref) <= tol
+    for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_ref)):
+        assert rel_err(g, g_ref) <= tol, f"{jax.tree_util.keystr(path)}: {rel_err(g, g_ref):.3g}"
+    return grads
+
+
+GRID = pairwise_grid(dict(
+    tied=[True, False], bias=[True, False], activation=["gelu", "relu"], eps=[0.0, 1e-5],
+    n_head=[1, 2, 4, 8], batch=[1, 3], full_length=[False, True], n_layer=[1, 3], lora=[False, True]))
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_model_gradients_match_autodiff_float64(x64, case):
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=case["n_layer"], n_head=case["n_head"],
+                    n_embd=16, activation=case["activation"], ln_eps=case["eps"],
+                    tied_embeddings=case["tied"], lm_head_bias=case["bias"] and not case["tied"],
+                    bias=case["bias"], dtype="float64",
+                    lora=LoRAConfig(rank=2, alpha=4, targets=ALL_TARGETS) if case["lora"] else None)
+    assert_grads_match(cfg, case["batch"], cfg.block_size if case["full_length"] else 1, ignore=0.2)
+
+
+@pytest.mark.parametrize("preset", ["paper", "tiny"])
+def test_model_gradients_match_autodiff_float32(preset):
+    cfg = GPTConfig.preset(preset, ln_eps=1e-5)
+    assert_grads_match(cfg, 2, cfg.block_size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(24))
+def test_model_gradients_full_grid_sample_float64(x64, seed):
+    """A random sample of the full cartesian grid (the default tier covers every pair)."""
+    rng = np.random.default_rng(seed)
+    pick = lambda values: values[rng.integers(len(values))]
+    tied, n_head = pick([True, False]), pick([1, 2, 4, 8])
+    cfg = GPTConfig(vocab_size=int(pick([2, 13, 40])), block_size=int(pick([1, 5, 16])),
+                    n_layer=int(pick([1, 2, 3])), n_head=n_head, n_embd=n_head * int(pick([1, 3, 4])),
+                    activation=pick(["gelu", "relu"]), ln_eps=pick([0.0, 1e-5]), tied_embeddings=tied,
+                    lm_head_bias=bool(not tied and pick([True, False])), bias=bool(pick([True, False])),
+                    dtype="float64",
+                    lora=pick([None, LoRAConfig(rank=1, alpha=2, targets=ALL_TARGETS),
+                               LoRAConfig(rank=2, targets=("k", "proj"), convention="alpha")]))
+    assert_grads_match(cfg, int(pick([1, 3])), int(pick([1, cfg.block_size])), seed=seed, ignore=0.3)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_model_gradients_property(data):
+    """Hypothesis draws configs and shapes, edges included (T=1, head size 1, vocab 2,
+    all targets but one ignored)."""
+    n_head = data.draw(st.sampled_from([1, 2, 4]), "n_head")
+    head_size = data.draw(st.sampled_from([1, 2, 4]), "head_size")
+    tied = data.draw(st.booleans(), "tied")
+    cfg = GPTConfig(vocab_size=data.draw(st.sampled_from([2, 3, 17]), "V"),
+                    block_size=data.draw(st.integers(1, 6), "block_size"),
+                    n_layer=data.draw(st.integers(1, 2), "n_layer"), n_head=n_head,
+                    n_embd=n_head * head_size,
+                    activation=data.draw(st.sampled_from(["gelu", "relu"]), "activation"),
+                    ln_eps=data.draw(st.sampled_from([0.0, 1e-5]), "ln_eps"),
+                    tied_embeddings=tied, lm_head_bias=not tied and data.draw(st.booleans(), "b"),
+                    lora=data.draw(st.sampled_from([None, LoRAConfig(rank=1, targets=ALL_TARGETS)]), "lora"),
+                    dtype="float64")
+    B = data.draw(st.integers(1, 3), "B")
+    T = data.draw(st.integers(1, cfg.block_size), "T")
+    one_target = data.draw(st.booleans(), "all_but_one_ignored")
+    with jax.enable_x64(True):
+        params = random_model(cfg, seed=data.draw(st.integers(0, 100), "seed"))
+        inputs, targets = tokens(cfg, B, T)
+        if one_target:
+            targets = jnp.full_like(targets, IGNORE_INDEX).at[B - 1, T - 1].set(targets[B - 1, T - 1])
+        g = jax.grad(loss_fn)(params, inputs, targets, cfg, "manual")
+        g_ref = jax.grad(loss_fn)(params, inputs, targets, cfg, "autodiff")
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+            assert rel_err(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_model_key_bias_gradient_is_exactly_zero(x64, dtype):
+    cfg = GPTConfig.preset("tiny", n_layer=3, dtype=dtype)
+    params = random_model(cfg)
+    inputs, targets = tokens(cfg, 2, cfg.block_size)
+    C = cfg.n_embd
+    db = jax.grad(loss_fn)(params, inputs, targets, cfg, "manual")["blocks"]["attn"]["b_qkv"]
+    assert db.shape == (3, 3 * C)
+    assert np.all(np.asarray(db[:, C:2 * C]) == 0)
+    assert np.all(np.abs(np.asarray(db[:, :C])).sum(-1) > 0)
+
+
+def test_forward_logits_agree_between_backends():
+    cfg = GPTConfig.preset("tiny", tied_embeddings=False, lm_head_bias=True,
+                           lora=LoRAConfig(rank=2, targets=ALL_TARGETS))
+    params = random_model(cfg)
+    inputs, _ = tokens(cfg, 2, 9)
+    z = forward(params, inputs, cfg, "manual")
+    assert z.shape == (2, 9, cfg.vocab_size)
+    np.testing.assert_allclose(z, forward(params, inputs, cfg, "autodiff"), rtol=1e-6, atol=1e-6)
+
+
+# --- parameter counts: the paper's numbers -------------------------------------------------
+
+GPT2_LORA = LoRAConfig(rank=16, alpha=16, targets=ALL_TARGETS)
+
+
+@pytest.mark.parametrize("cfg,which,expected", [
+    (GPTConfig.preset("gpt2"), "all", 124_439_808),
+    (GPTConfig.preset("gpt2-untied"), "all", 163_087_441),
+    (GPTConfig.preset("gpt2-untied", n_layer=1), "all", 85_120_849),
+    (GPTConfig.preset("gpt2", lora=LoRAConfig(rank=16, targets=("logits",))), "lora", 816_400),
+    (GPTConfig.preset("gpt2", lora=GPT2_LORA), "lora", 3_470_608),
+    (GPTConfig.preset("gpt2", lora=GPT2_LORA), "base", 124_439_808),
+])
+def test_count_params_reproduces_the_paper(cfg, which, expected):
+    assert count_params(cfg, which=which) == expected
+
+
+def test_count_params_one_block_is_12d2_plus_13d():
+    blocks = jax.eval_shape(lambda: init_params(GPTConfig.preset("gpt2", n_layer=1), jax.random.key(0)))
+    d = 768
+    assert count_params(blocks["blocks"]) == 12 * d * d + 13 * d == 7_087_872
+
+
+def test_count_params_of_arrays_equals_count_of_config():
+    cfg = GPTConfig.preset("tiny", lora=LoRAConfig(rank=2))
+    params = init_params(cfg, jax.random.key(0))
+    assert count_params(params) == count_params(cfg) == sum(x.size for x in jax.tree.leaves(params))
+
+
+# --- jit, scan and compile size -------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["manual", "autodiff"])
+def test_jit_value_and_grad(backend):
+    cfg = GPTConfig.preset("tiny")
+    params = init_params(cfg, jax.random.key(0))
+    inputs, targets = tokens(cfg, 2, 16)
+    step = jax.jit(jax.value_and_grad(loss_fn), static_argnames=("cfg", "backend"))
+    loss, grads = step(params, inputs, targets, cfg=cfg, backend=backend)
+    assert np.isfinite(float(loss)) and abs(float(loss) - np.log(cfg.vocab_size)) < 0.5
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize("backend", ["manual", "autodiff"])
+def test_program_size_does_not_grow_with_depth(backend):
+    """Blocks run in a lax.scan: the compiled GPT-2 program for 12 layers is no larger than
+    for 1 (lowered from shapes only, nothing allocated)."""
+    def hlo_size(n_layer):
+        cfg = GPTConfig.preset("gpt2", n_layer=n_layer)
+        params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+        ids = jax.ShapeDtypeStruct((1, 64), jnp.int32)
+        fn = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(3, 4))
+        return len(fn.lower(params, ids, ids, cfg, backend).as_text().splitlines())
+    assert hlo_size(12) == hlo_size(1)
+
+
+def test_merge_lora_gives_the_same_model():
+    for tied in (True, False):
+        cfg = GPTConfig.preset("tiny", tied_embeddings=tied, lora=LoRAConfig(rank=2, targets=ALL_TARGETS))
+        params = random_model(cfg)
+        inputs, _ = tokens(cfg, 2, 8)
+        merged, merged_cfg = merge_lora(params, cfg)
+        assert merged_cfg.lora is None and "lora" not in merged
+        np.testing.assert_allclose(forward(merged, inputs, merged_cfg), forward(params, inputs, cfg),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_lora_starts_as_the_base_model():
+    cfg = GPTConfig.preset("tiny", lora=LoRAConfig(rank=4, targets=ALL_TARGETS))
+    params = init_params(cfg, jax.random.key(0))
+    base = {k: v for k, v in params.items() if k != "lora"}
+    inputs, _ = tokens(cfg, 1, 8)
+    np.testing.assert_array_equal(forward(params, inputs, cfg), forward(base, inputs, cfg.replace(lora=None)))
+
+
+# --- bad input: ValueError naming the argument, before any compute -----------------------------
+
+@pytest.mark.parametrize("make,name", [
+    (lambda cfg: (jnp.zeros((2, 4), jnp.int32).at[0, 1].set(65), None), "inputs"),
+    (lambda cfg: (jnp.zeros((2, 4), jnp.int32).at[0, 1].set(-1), None), "inputs"),
+    (lambda cfg: (jnp.zeros((2, 33), jnp.int32), None), "inputs"),
+    (lambda cfg: (jnp.zeros((4,), jnp.int32), None), "inputs"),
+    (lambda cfg: (jnp.zeros((2, 4), jnp.float32), None), "inputs"),
+    (lambda cfg: (jnp.zeros((2, 4), jnp.int32), jnp.full((2, 4), 70)), "targets"),
+    (lambda cfg: (jnp.zeros((2, 4), jnp.int32), jnp.full((2, 4), -2)), "targets"),
+    (lambda cfg: (jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 3), jnp.int32)), "targets"),
+    (lambda cfg: (jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 4), jnp.float32)), "targets"),
+])
+def test_bad_input_raises_value_error(make, name):
+    cfg = GPTConfig.preset("tiny")
+    params = init_params(cfg, jax.random.key(0))
+    inputs, targets = make(cfg)
+    with pytest.raises(ValueError, match=name):
+        if targets is None:
+            forward(params, inputs, cfg)
+        else:
+            loss_fn(params, inputs, targets, cfg)
+
+
+def test_bad_backend_and_mismatched_params():
+    cfg = GPTConfig.preset("tiny")
+    params = init_params(cfg, jax.random.key(0))
+    ids = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="backend"):
+        loss_fn(params, ids, ids, cfg, backend="torch")
+    with pytest.raises(ValueError, match="params"):
+        forward(params, ids, cfg.replace(n_embd=64))
+    with pytest.raises(ValueError, match="cfg"):
+        init_params({"n_layer": 2}, jax.random.key(0))
