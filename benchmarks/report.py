@@ -61,8 +61,14 @@ def header_lines(results: dict) -> list[str]:
     device = (f"{d['cpu']['model']}, {d['cpu']['cores']} cores @ {d['cpu']['clock_mhz']} MHz"
               if d["platform"] == "cpu" else d["device_kind"])
     lib = ", ".join(f"{k} {v[k]}" for k in ("jax", "jaxlib", "optax", "torch") if v.get(k))
+    threads = results["plan"].get("threads")
+    config = results["steps"][0]["config"] if results["steps"] else {}
+    variant = {k: config[k] for k in ("backward", "attn_block_size", "loss_chunk") if k in config}
     return [f"- Date: {results['date']}; device: {device} ({d['platform']}); dtype "
-            f"{results['plan']['dtype']}",
+            f"{results['plan']['dtype']}" + (f"; {threads} thread(s)" if threads else ""),
+            f"- Manual variant: {', '.join(f'{k}={v}' for k, v in variant.items()) or 'default'}; "
+            f"config overrides: {results['plan'].get('overrides') or 'none'}; manual_grad sources "
+            f"sha256 {results.get('manual_grad_source_sha256', '?')[:12]}",
             f"- Versions: {lib}; Python {v['python']}",
             f"- Peak for MFU: {d['peak']['formula']}",
             f"- Command: `{results['command'].strip()}` ({results['wall_s'] / 60:.1f} min"
@@ -205,15 +211,17 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
                                 fmt=style, label=name, capsize=2)
             ax.set(xscale="log", yscale="log", title=f"{preset} (B={steps[0]['batch']})",
                    xlabel="T", ylabel="seconds per training step")
+            ax.minorticks_off()
             ax.set_xticks(T, [str(t) for t in T])
             ax.legend(fontsize=8)
             ax = axes[1][col]
-            for name, style in (("manual", "o-"), ("autodiff", "s--")):
+            for name, style, color in (("manual", "o-", "C0"), ("autodiff", "s--", "C1")):
                 ax.plot(T, [s["backends"][name]["memory"]["temp"] / MiB for s in steps], style,
-                        label=f"{name} temp")
+                        color=color, label=f"{name} temp")
                 ax.plot(T, [s["backends"][name]["memory"]["total"] / MiB for s in steps], style,
-                        alpha=0.4, label=f"{name} total")
+                        color=color, alpha=0.35, label=f"{name} total")
             ax.set(xscale="log", yscale="log", xlabel="T", ylabel="MiB (XLA memory_analysis)")
+            ax.minorticks_off()
             ax.set_xticks(T, [str(t) for t in T])
             ax.legend(fontsize=8)
         fig.suptitle(f"Training step, {results['device']['device_kind']}, {results['plan']['dtype']}, "
@@ -278,8 +286,9 @@ def write_doc(results_paths: list[str], doc_path: str) -> None:
     lines = [INTRO]
     for path, results in loaded:
         d = results["device"]
-        kind = "CPU" if d["platform"] == "cpu" else "GPU"
-        lines += [f"## {kind}: {d['device_kind']} ({results['plan']['dtype']})", ""]
+        name = (f"CPU: {d['cpu']['model']}, {d['cpu']['cores']} cores" if d["platform"] == "cpu"
+                else f"GPU: {d['device_kind']}")
+        lines += [f"## {name} ({results['plan']['dtype']})", ""]
         lines += markdown_tables(results)
         rel = os.path.relpath(os.path.dirname(path), os.path.dirname(os.path.abspath(doc_path)))
         for png in ("steps.png", "layers.png"):

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -309,6 +310,10 @@ def main(argv=None) -> dict:
                                        " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     args.platform = jax.devices()[0].platform
     plan = make_plan(args)
+    if plan.torch_compile_presets and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # A fresh kernel cache: first_call_s is a cold compile, and no stale or half-written
+        # kernel from another process is picked up.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
     device = hardware.device_info(plan.dtype)
     if plan.threads and device["platform"] == "cpu":     # the peak of the cores in use
         used = {**device["cpu"], "cores": min(plan.threads, device["cpu"]["cores"])}

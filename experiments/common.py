@@ -61,11 +61,12 @@ def write_result(out: Path, name: str, result: dict, quick: bool) -> Path:
     return path
 
 
-def new_figure(ncols=1, width=5.0, height=3.6):
+def new_figure(ncols=1, width=5.0, height=3.6, constrained=False):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False,
+                             layout="constrained" if constrained else None)
     return fig, list(axes[0])
 
 
@@ -86,7 +87,8 @@ def plot_lines(ax, series: dict, *, xlabel, ylabel, title=None, logx=None, logy=
 
 def save_figure(fig, out: Path, name: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if not fig.get_constrained_layout():
+        fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=110)
     import matplotlib.pyplot as plt
     plt.close(fig)

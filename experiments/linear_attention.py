@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from manual_grad.layers.attention_variants import attention_variant, attention_variant_ref
 from manual_grad.layers.linear_attention import linear_attend, linear_attend_ref

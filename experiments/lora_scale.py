@@ -71,6 +71,26 @@ def model_linearity(cfg, params, batch, ranks, alpha_values):
     return out
 
 
+def draw_heatmaps(sweep, alphas, ranks, baseline, out):
+    """Final val loss per (rank, alpha), one panel per convention; returns the PNG's name."""
+    fig, axes = new_figure(2, width=5.2, constrained=True)
+    grids = {conv: np.asarray(g, float) for conv, g in sweep.items()}
+    finite = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
+    vmin, vmax = float(finite.min()), float(min(finite.max(), baseline + 0.5))
+    for ax, (convention, grid) in zip(axes, grids.items()):
+        im = ax.imshow(np.where(np.isfinite(grid), grid, vmax), vmin=vmin, vmax=vmax, cmap="viridis_r")
+        ax.set_xticks(range(len(alphas)), alphas)
+        ax.set_yticks(range(len(ranks)), ranks)
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("rank")
+        ax.set_title(f"final val loss, s = {convention}")
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, "nan" if not np.isfinite(v) else f"{v:.3f}", ha="center", va="center", fontsize=8,
+                    color="w")
+    fig.colorbar(im, ax=axes, shrink=0.9)
+    return save_figure(fig, out, NAME)
+
+
 def main(argv=None):
     args = parse_args(__doc__, argv)
     jax.config.update("jax_enable_x64", True)
@@ -116,19 +136,7 @@ def main(argv=None):
                 grid[i, j] = runs[(r, lora.scale)]
         sweep[convention] = grid
 
-    fig, axes = new_figure(2, width=5.2)
-    finite = np.concatenate([g[np.isfinite(g)] for g in sweep.values()])
-    vmin, vmax = float(finite.min()), float(min(finite.max(), baseline + 0.5))
-    for ax, (convention, grid) in zip(axes, sweep.items()):
-        im = ax.imshow(np.where(np.isfinite(grid), grid, vmax), vmin=vmin, vmax=vmax, cmap="viridis_r")
-        ax.set_xticks(range(len(alphas)), alphas); ax.set_yticks(range(len(ranks)), ranks)
-        ax.set_xlabel("alpha"); ax.set_ylabel("rank")
-        ax.set_title(f"final val loss, s = {convention}")
-        for (i, j), v in np.ndenumerate(grid):
-            ax.text(j, i, "nan" if not np.isfinite(v) else f"{v:.3f}", ha="center", va="center", fontsize=8,
-                    color="w")
-    fig.colorbar(im, ax=axes)
-    plot = save_figure(fig, args.out, NAME)
+    plot = draw_heatmaps(sweep, alphas, ranks, baseline, args.out)
     worst_layer = max(max(v) for v in layer.values())
     worst_model = max(v["dB_rel_err"] for v in model.values())
     best = {conv: {"val_loss": float(np.nanmin(g)), "rank": ranks[int(np.nanargmin(g)) // len(alphas)],

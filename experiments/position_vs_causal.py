@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from manual_grad import GPTConfig, forward, init_params
 from experiments.common import (fixed_batches, load_chars, new_figure, parse_args, plot_lines, save_figure,

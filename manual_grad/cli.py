@@ -98,6 +98,16 @@ def _add_train_flags(p) -> None:
     _add(p, "--beta1", type=float, metavar="B1")
     _add(p, "--beta2", type=float, metavar="B2")
     _add(p, "--grad-clip", "global-norm clipping; 0 turns it off", type=float, metavar="G")
+    _add(p, "--mesh", "device mesh: data=N (data parallel), data=-1 (all devices), data=N,model=M "
+         "(tensor parallel); default one device", metavar="SPEC")
+    _add(p, "--shard", "state on the mesh: replicated (data parallel) or fsdp (parameters and "
+         "optimizer state split over the data axis)", choices=("replicated", "fsdp"))
+    p.add_argument("--coordinator-address", metavar="HOST:PORT",
+                   help="multi-host: address of process 0 (env JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=_positive_int, metavar="N",
+                   help="multi-host: processes, one per host (env JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=_count, metavar="I",
+                   help="multi-host: this process's rank (env JAX_PROCESS_ID)")
     _add(p, "--dropout", "dropout rate in training", type=float, metavar="P")
     _add(p, "--eval-interval", "steps between evaluations", type=_positive_int, metavar="N")
     _add(p, "--eval-iters", "batches per evaluation and split", type=_positive_int, metavar="N")
@@ -160,7 +170,8 @@ FLAG_TO_FIELD = {"out_dir", "data", "max_chars", "val_fraction", "tokenizer", "b
                  "n_embd", "block_size", "dropout", "backend", "batch_size", "max_iters", "learning_rate",
                  "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip",
                  "eval_interval", "eval_iters", "log_interval", "seed", "resume", "sample_tokens", "init_from",
-                 "from_hf", "lora_rank", "lora_alpha", "lora_targets", "lora_convention", "merge"}
+                 "from_hf", "lora_rank", "lora_alpha", "lora_targets", "lora_convention", "merge",
+                 "mesh", "shard"}
 
 
 def _train_config(args):
@@ -168,7 +179,7 @@ def _train_config(args):
     from manual_grad.checkpoint import load_checkpoint
     from manual_grad.train import CHECKPOINT, LORA_CHECKPOINT, TrainConfig
 
-    given = {k: v for k, v in vars(args).items() if k in FLAG_TO_FIELD and v not in (None, False)}
+    given = {k: v for k, v in vars(args).items() if k in FLAG_TO_FIELD and v is not None and v is not False}
     fields = {}
     if getattr(args, "resume", False):
         finetune = args.command == "finetune"
@@ -184,7 +195,9 @@ def _train_config(args):
 
 
 def _run_train(args) -> int:
+    from manual_grad import parallel
     from manual_grad.train import train
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     train(_train_config(args))
     return 0
 

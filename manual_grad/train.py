@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from manual_grad import data as data_lib
+from manual_grad import parallel
 from manual_grad.checkpoint import (CheckpointError, load_checkpoint, restore_like, save_checkpoint,
                                     verify_checkpoint)
 from manual_grad.config import LORA_TARGETS, GPTConfig, LoRAConfig
@@ -88,7 +89,7 @@ class TrainConfig:
     seed: int = 1337
     resume: bool = False
     sample_tokens: int = 300              # printed after training; 0: none
-    sample_prompt: str = "\n"
+    sample_prompt: str | None = None     # None: "def " on the stdlib corpus, a newline on a file
     # LoRA fine-tuning of a trained model (init_from: a run folder; from_hf: a GPT-2 folder)
     init_from: str | None = None
     from_hf: str | None = None
@@ -97,9 +98,16 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ("q", "v")
     lora_convention: str = "alpha/rank"
     merge: bool = False                   # also write the merged model as ckpt.mgc
+    # several devices (manual_grad.parallel): None = one device
+    mesh: str | None = None               # "data=8", "data=-1" (all devices), "data=4,model=2"
+    shard: str = "replicated"             # "replicated" (data parallel) | "fsdp"
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.mesh is not None:
+            parallel.parse_mesh_spec(self.mesh)
+        if self.shard not in parallel.MODES:
+            raise ValueError(f"shard must be one of {parallel.MODES}, got {self.shard!r}")
         if self.lr_decay_iters is None:
             object.__setattr__(self, "lr_decay_iters", self.max_iters)
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
@@ -184,8 +192,22 @@ def decay_mask(params) -> Any:
     return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
+OPTIMIZER_FIELDS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1",
+                    "beta2", "grad_clip")
+
+
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW (decoupled weight decay on :func:`decay_mask` leaves)."""
+    """Global-norm clipping, then AdamW (decoupled weight decay on :func:`decay_mask` leaves).
+
+    Equal settings give the same optimizer object, so runs that share them (a run and its
+    resumption) share compiled steps.
+    """
+    return _optimizer(tuple(getattr(tc, name) for name in OPTIMIZER_FIELDS))
+
+
+@lru_cache(maxsize=16)
+def _optimizer(settings: tuple) -> optax.GradientTransformation:
+    tc = TrainConfig(**dict(zip(OPTIMIZER_FIELDS, settings)))
     adamw = optax.adamw(make_schedule(tc), b1=tc.beta1, b2=tc.beta2, weight_decay=tc.weight_decay,
                         mask=decay_mask)
     clip = optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip > 0 else optax.identity()
@@ -222,21 +244,39 @@ def make_train_step(cfg: GPTConfig, optimizer, backend: str = "manual", *, froze
 
     ``frozen`` is passed to the compiled function as an argument (not baked in as a constant).
     """
-    if frozen is None:
-        return jax.jit(partial(train_step, cfg=cfg, optimizer=optimizer, backend=backend))
-    jitted = jax.jit(lambda frozen, state, batch, key: train_step(
-        state, batch, key, cfg=cfg, optimizer=optimizer, backend=backend, frozen=frozen))
+    jitted = _jitted_step(cfg, optimizer, backend)
     return lambda state, batch, key: jitted(frozen, state, batch, key)
+
+
+@lru_cache(maxsize=16)
+def _jitted_step(cfg: GPTConfig, optimizer, backend: str):
+    return jax.jit(lambda frozen, state, batch, key: train_step(
+        state, batch, key, cfg=cfg, optimizer=optimizer, backend=backend, frozen=frozen))
 
 
 def make_eval_fn(cfg: GPTConfig, backend: str = "manual", *, frozen=None) -> Callable:
     """``eval(trainable, inputs, targets) -> mean loss`` over stacked batches (N, B, T), no dropout."""
+    jitted = _jitted_eval(cfg, backend)
+    return lambda trainable, inputs, targets: jitted(frozen, trainable, inputs, targets)
+
+
+@lru_cache(maxsize=16)
+def _jitted_eval(cfg: GPTConfig, backend: str):
     @jax.jit
     def evaluate(frozen, trainable, inputs, targets):
         params = trainable if frozen is None else {**frozen, "lora": trainable}
         losses = jax.lax.map(lambda xy: loss_fn(params, xy[0], xy[1], cfg, backend), (inputs, targets))
         return losses.mean()
-    return lambda trainable, inputs, targets: evaluate(frozen, trainable, inputs, targets)
+    return evaluate
+
+
+_init_params = jax.jit(init_params, static_argnums=0)
+_init_adapters = jax.jit(lambda base, key, cfg: attach_lora(base, cfg, key)["lora"], static_argnums=2)
+
+
+@lru_cache(maxsize=16)
+def _jitted_init(optimizer):
+    return jax.jit(optimizer.init)
 
 
 # --- loading models ------------------------------------------------------------------------------
@@ -425,9 +465,10 @@ def train(tc: TrainConfig, *, log=None, stdout=None) -> TrainResult:
     tokens = tokenizer.encode(text)
     splits = data_lib.split_tokens(tokens, tc.val_fraction)
     data_lib.check_block_size(splits, block_size)
-    if resumed is not None and resumed.meta["model_config"] != cfg.to_dict():
+    ours = json.loads(json.dumps(cfg.to_dict()))            # as stored: tuples become lists
+    if resumed is not None and resumed.meta["model_config"] != ours:
         theirs = resumed.meta["model_config"]
-        diffs = [f"{k}={theirs.get(k)!r} in the checkpoint, {v!r} now" for k, v in cfg.to_dict().items()
+        diffs = [f"{k}={theirs.get(k)!r} in the checkpoint, {v!r} now" for k, v in ours.items()
                  if theirs.get(k) != v]
         raise CheckpointError(f"checkpoint {str(ckpt_path)!r} is from another config: {'; '.join(diffs)}")
 
@@ -435,15 +476,14 @@ def train(tc: TrainConfig, *, log=None, stdout=None) -> TrainResult:
     root_key = jax.random.key(tc.seed)
     optimizer = make_optimizer(tc)
     if tc.finetune:
-        trainable = jax.jit(lambda base, key: attach_lora(base, cfg, key)["lora"])(
-            base, jax.random.fold_in(root_key, _LORA_INIT_STREAM))
+        trainable = _init_adapters(base, jax.random.fold_in(root_key, _LORA_INIT_STREAM), cfg)
         progress_note = (f"LoRA fine-tune: {count_params(trainable):,} trainable parameters "
                          f"(rank {tc.lora_rank}, targets {','.join(tc.lora_targets)}); "
                          f"{count_params(base):,} frozen")
     else:
-        trainable = jax.jit(init_params, static_argnums=0)(cfg, root_key)
+        trainable = _init_params(cfg, root_key)
         progress_note = f"model: {count_params(trainable):,} parameters"
-    state = {"params": trainable, "opt_state": jax.jit(optimizer.init)(trainable), "step": jnp.int32(0)}
+    state = {"params": trainable, "opt_state": _jitted_init(optimizer)(trainable), "step": jnp.int32(0)}
     history = {"train": [], "eval": []}
     elapsed_before = 0.0
     if resumed is not None:
@@ -455,6 +495,24 @@ def train(tc: TrainConfig, *, log=None, stdout=None) -> TrainResult:
         elapsed_before = resumed.meta.get("elapsed_s", 0.0)
 
     step_fn = make_train_step(cfg, optimizer, tc.backend, frozen=base)
+    put_batch = lambda batch: batch
+    if tc.mesh is not None:
+        mesh = parallel.make_mesh(tc.mesh)
+        n_data = mesh.shape[parallel.DATA_AXIS]
+        if tc.batch_size % n_data:
+            raise ValueError(f"batch_size={tc.batch_size} must be divisible by the mesh's data axis ({n_data})")
+        shardings = parallel.state_shardings(state, mesh, tc.shard)
+        state = parallel.shard_state(state, shardings)
+        if base is None:
+            step_fn = parallel.jit_sharded_step(
+                partial(train_step, cfg=cfg, optimizer=optimizer, backend=tc.backend), shardings, mesh)
+        else:
+            step_fn = parallel.jit_sharded_step(
+                lambda frozen, s, b, k: train_step(s, b, k, cfg=cfg, optimizer=optimizer,
+                                                   backend=tc.backend, frozen=frozen),
+                shardings, mesh, frozen=base,
+                frozen_shardings=parallel.state_shardings(base, mesh, tc.shard))
+        put_batch = lambda batch: parallel.shard_batch(batch, mesh, process_local=False)
     eval_fn = make_eval_fn(cfg, tc.backend, frozen=base)
     spec = data_lib.BatchSpec(tc.seed, tc.batch_size, block_size)
     eval_spec = data_lib.BatchSpec(tc.seed + 1, tc.batch_size, block_size)
@@ -475,8 +533,9 @@ def train(tc: TrainConfig, *, log=None, stdout=None) -> TrainResult:
                 "train_config": tc.to_dict(), "tokenizer": tokenizer.to_dict(), "step": step,
                 "data_position": {"seed": tc.seed, "step": step}, "metrics": history,
                 "elapsed_s": elapsed, "base": base_record}
-        save_checkpoint(ckpt_path, meta, params=state["params"], opt_state=state["opt_state"],
-                        rng={"root": root_key})
+        host = parallel.gather_to_host({"params": state["params"], "opt_state": state["opt_state"]})
+        if jax.process_index() == 0:
+            save_checkpoint(ckpt_path, meta, **host, rng={"root": root_key})
 
     start = int(state["step"])
     if start > tc.max_iters:
@@ -493,22 +552,41 @@ def train(tc: TrainConfig, *, log=None, stdout=None) -> TrainResult:
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t0
 
+    unchecked: list[tuple[int, dict]] = []       # (step, metrics) not yet read back from the device
+    last_saved = start if resumed is not None else None
+
+    def check_finite() -> None:
+        """Stops at the first step whose loss or gradient norm is NaN or Inf, before its
+        parameters can be evaluated or saved: the last checkpoint stays the last good one."""
+        for s, m in unchecked:
+            for name in ("loss", "grad_norm"):
+                value = float(m[name])
+                if not math.isfinite(value):
+                    kept = (f"the last good checkpoint {ckpt_path} (step {last_saved}) is kept: continue "
+                            "from it with --resume (e.g. with a lower learning rate)" if last_saved is not None
+                            else "no checkpoint was written")
+                    raise FloatingPointError(f"non-finite {name} ({value}) at step {s}: training stopped; {kept}")
+        unchecked.clear()
+
     for step in range(start, tc.max_iters + 1):
         if step % tc.eval_interval == 0 or step == tc.max_iters:
+            check_finite()
             row = evaluate(step, elapsed())
             progress.message(f"step {step}: train loss {row['train']:.4f}, val loss {row['val']:.4f}")
             if step > start:
                 save(step, elapsed())
+                last_saved = step
             t_window, window_steps = time.perf_counter(), 0
         if step == tc.max_iters:
             break
         x, y = data_lib.get_batch(splits["train"], spec, "train", step)
-        state, metrics = step_fn(state, (jnp.asarray(x), jnp.asarray(y)), jax.random.fold_in(root_key, step))
+        state, metrics = step_fn(state, put_batch((jnp.asarray(x), jnp.asarray(y))),
+                                 jax.random.fold_in(root_key, step))
+        unchecked.append((step, metrics))
         window_steps += 1
         if (step + 1) % tc.log_interval == 0 or step + 1 == tc.max_iters:
+            check_finite()
             loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}: lower the learning rate")
             history["train"].append([step, loss, float(schedule(step)), float(metrics["grad_norm"])])
             rate = window_steps * tc.batch_size * block_size / max(time.perf_counter() - t_window, 1e-9)
             progress.update(step + 1, f"loss {loss:.4f} | {rate:,.0f} tok/s")
@@ -536,7 +614,8 @@ def train(tc: TrainConfig, *, log=None, stdout=None) -> TrainResult:
                      f"wrote {ckpt_path}, {out_dir / 'metrics.json'}, {out_dir / 'loss.png'}")
     text_sample = None
     if tc.sample_tokens > 0:
-        prompt = _prompt_tokens(tokenizer, tc.sample_prompt)
+        default_prompt = "\n" if tc.data is not None else "def "
+        prompt = _prompt_tokens(tokenizer, tc.sample_prompt if tc.sample_prompt is not None else default_prompt)
         out = generate(full_params, cfg, prompt, tc.sample_tokens, key=jax.random.fold_in(root_key, _SAMPLE_STREAM),
                        temperature=0.8, top_k=200)
         text_sample = tokenizer.decode(np.asarray(out))

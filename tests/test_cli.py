@@ -10,8 +10,9 @@ import pytest
 
 from manual_grad import GPTConfig, init_params
 from manual_grad.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
-from manual_grad.cli import main
+from manual_grad.cli import _train_config, build_parser, main
 from manual_grad.data import _bytes_to_unicode
+from manual_grad.train import TrainConfig
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "4",
         "--eval-iters", "1", "--log-interval", "5", "--sample-tokens", "0"]
@@ -29,7 +30,7 @@ def run(corpus, tmp_path_factory):
     """A tiny run trained through the CLI."""
     out = tmp_path_factory.mktemp("run")
     assert main(["train", "--data", str(corpus), "--out-dir", str(out), "--max-iters", "5", "--eval-interval", "5",
-                 *TINY]) == 0
+                 "--lr-decay-iters", "7", *TINY]) == 0
     return out
 
 
@@ -49,6 +50,16 @@ def test_help(capsys, command):
              "sample": ["--prompt", "--max-new-tokens", "--temperature", "--top-k", "--seed", "--from-hf"],
              "finetune": ["--init-from", "--lora-rank", "--lora-alpha", "--lora-targets", "--merge"]}[command]
     assert all(flag in out for flag in flags)
+
+
+def test_flags_map_to_train_config_zeros_included():
+    args = build_parser().parse_args(["train", "--grad-clip", "0", "--weight-decay", "0", "--seed", "0",
+                                      "--sample-tokens", "0", "--n-layer", "2", "--lr-decay-iters", "9"])
+    tc = _train_config(args)
+    assert (tc.grad_clip, tc.weight_decay, tc.seed, tc.sample_tokens, tc.n_layer, tc.lr_decay_iters) == (0, 0, 0, 0, 2, 9)
+    assert tc.n_head == TrainConfig().n_head                            # not given: the default
+    finetune = _train_config(build_parser().parse_args(["finetune", "--init-from", "x", "--lora-targets", "q,fc"]))
+    assert finetune.block_size is None and finetune.lora_targets == ("q", "fc")   # None: the base model's
 
 
 def test_train_writes_outputs_and_sample_continues_the_prompt(run, capsys):

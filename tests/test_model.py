@@ -47,7 +47,8 @@ def assert_grads_match(cfg, B, T, seed=0, ignore=0.0):
 
 GRID = pairwise_grid(dict(
     tied=[True, False], bias=[True, False], activation=["gelu", "relu"], eps=[0.0, 1e-5],
-    n_head=[1, 2, 4, 8], batch=[1, 3], full_length=[False, True], n_layer=[1, 3], lora=[False, True]))
+    n_head=[1, 2, 4, 8], batch=[1, 3], full_length=[False, True], n_layer=[1, 3], lora=[False, True],
+    backward=["lean", "paper"]))
 
 
 @pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
@@ -55,14 +56,16 @@ def test_model_gradients_match_autodiff_float64(x64, case):
     cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=case["n_layer"], n_head=case["n_head"],
                     n_embd=16, activation=case["activation"], ln_eps=case["eps"],
                     tied_embeddings=case["tied"], lm_head_bias=case["bias"] and not case["tied"],
-                    bias=case["bias"], dtype="float64",
+                    bias=case["bias"], dtype="float64", backward=case["backward"],
+                    attn_block_size=3, loss_chunk=5,       # several tiles and chunks, padded
                     lora=LoRAConfig(rank=2, alpha=4, targets=ALL_TARGETS) if case["lora"] else None)
     assert_grads_match(cfg, case["batch"], cfg.block_size if case["full_length"] else 1, ignore=0.2)
 
 
 @pytest.mark.parametrize("preset", ["paper", "tiny"])
-def test_model_gradients_match_autodiff_float32(preset):
-    cfg = GPTConfig.preset(preset, ln_eps=1e-5)
+@pytest.mark.parametrize("backward", ["lean", "paper"])
+def test_model_gradients_match_autodiff_float32(preset, backward):
+    cfg = GPTConfig.preset(preset, ln_eps=1e-5, backward=backward, attn_block_size=8, loss_chunk=24)
     assert_grads_match(cfg, 2, cfg.block_size)
 
 
@@ -77,7 +80,8 @@ def test_model_gradients_full_grid_sample_float64(x64, seed):
                     n_layer=int(pick([1, 2, 3])), n_head=n_head, n_embd=n_head * int(pick([1, 3, 4])),
                     activation=pick(["gelu", "relu"]), ln_eps=pick([0.0, 1e-5]), tied_embeddings=tied,
                     lm_head_bias=bool(not tied and pick([True, False])), bias=bool(pick([True, False])),
-                    dtype="float64",
+                    dtype="float64", backward=pick(["lean", "paper"]),
+                    attn_block_size=int(pick([1, 4, 128])), loss_chunk=int(pick([3, 1024])),
                     lora=pick([None, LoRAConfig(rank=1, alpha=2, targets=ALL_TARGETS),
                                LoRAConfig(rank=2, targets=("k", "proj"), convention="alpha")]))
     assert_grads_match(cfg, int(pick([1, 3])), int(pick([1, cfg.block_size])), seed=seed, ignore=0.3)
@@ -99,7 +103,9 @@ def test_model_gradients_property(data):
                     ln_eps=data.draw(st.sampled_from([0.0, 1e-5]), "ln_eps"),
                     tied_embeddings=tied, lm_head_bias=not tied and data.draw(st.booleans(), "b"),
                     lora=data.draw(st.sampled_from([None, LoRAConfig(rank=1, targets=ALL_TARGETS)]), "lora"),
-                    dtype="float64")
+                    backward=data.draw(st.sampled_from(["lean", "paper"]), "backward"),
+                    attn_block_size=data.draw(st.integers(1, 4), "attn_block_size"),
+                    loss_chunk=data.draw(st.integers(1, 8), "loss_chunk"), dtype="float64")
     B = data.draw(st.integers(1, 3), "B")
     T = data.draw(st.integers(1, cfg.block_size), "T")
     one_target = data.draw(st.booleans(), "all_but_one_ignored")
@@ -244,3 +250,42 @@ def test_bad_backend_and_mismatched_params():
         forward(params, ids, cfg.replace(n_embd=64))
     with pytest.raises(ValueError, match="cfg"):
         init_params({"n_layer": 2}, jax.random.key(0))
+
+
+# --- lean backward: memory, and mixed precision -------------------------------------------------
+
+def compiled_step_memory(cfg, backend, B, T):
+    """XLA's accounting of the compiled value_and_grad step: temp bytes (activations saved for
+    the backward and scratch), from shapes only."""
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    step = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(3, 4))
+    return step.lower(params, ids, ids, cfg, backend).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_lean_backward_needs_less_than_half_the_memory_of_autodiff():
+    cfg = GPTConfig(vocab_size=2048, block_size=512, n_layer=2, n_head=4, n_embd=64,
+                    attn_block_size=64, loss_chunk=256)
+    lean = compiled_step_memory(cfg, "manual", 4, 512)
+    paper = compiled_step_memory(cfg.replace(backward="paper"), "manual", 4, 512)
+    autodiff = compiled_step_memory(cfg, "autodiff", 4, 512)
+    assert lean < 0.5 * autodiff and lean < paper, (lean, paper, autodiff)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("backward", ["lean", "paper"])
+def test_mixed_precision_tracks_float32(dtype, backward):
+    """Half-precision compute with float32 parameters: same loss and gradients as float32 to
+    half-precision rounding, gradients returned in float32."""
+    cfg32 = GPTConfig.preset("tiny", backward=backward, attn_block_size=8, loss_chunk=16)
+    cfg = cfg32.replace(dtype=dtype)
+    params = random_model(cfg32, scale=0.1)
+    assert cfg.storage_dtype == "float32"
+    inputs, targets = tokens(cfg, 2, 32)
+    loss32, g32 = jax.value_and_grad(loss_fn)(params, inputs, targets, cfg32)
+    loss, g = jax.value_and_grad(loss_fn)(params, inputs, targets, cfg)
+    _, g_ref = jax.value_and_grad(loss_fn)(params, inputs, targets, cfg, "autodiff")
+    assert loss.dtype == jnp.float32 and abs(float(loss) - float(loss32)) < 0.02 * float(loss32)
+    for a, b, c in zip(jax.tree.leaves(g), jax.tree.leaves(g32), jax.tree.leaves(g_ref)):
+        assert a.dtype == jnp.float32
+        assert rel_err(a, b) < 0.1 and rel_err(a, c) < 0.1

@@ -83,32 +83,29 @@ def test_sharded_step_matches_single_device(backend):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["manual", "autodiff"])
 def test_adamw_step_matches_single_device(backend):
-    """AdamW: same loss, moments (hence gradients) and new parameters in both dtypes, and
-    same updates in float64. Adam's first update is g / (|g| + eps), which turns the rounding
-    of gradients near eps (e.g. the key bias's, zero in exact arithmetic) into relative
-    differences of the update above 1e-5 in float32 (measured 2e-5 to 1e-4, while the
-    moments agree to 5e-7: Adam's conditioning, not the sharding's), so there the float32
-    update is judged through the new parameters."""
+    """AdamW: same loss and moments (hence gradients) in both dtypes, and same updates and
+    parameters in float64. Adam's first update is g / (|g| + eps): it turns the rounding of a
+    gradient that is zero in exact arithmetic (the key bias's: softmax ignores a constant
+    added to all keys) into update differences of ~1e-4 relative in float32: on one device,
+    averaging the gradients of two half batches instead of one whole batch already does that
+    (1.1e-4 on b_qkv with the autodiff backend). So float32 is judged by the moments, which
+    agree to ~5e-7."""
     results = run_worker("equivalence", "--backend", backend, "--optimizer", "adamw",
                          "--dtypes", "float64", "float32",
                          "--layouts", "data=8:replicated", "data=8:fsdp")
     assert_same_step({k: v for k, v in results.items() if k.startswith("float64")})
     assert_same_step({k: v for k, v in results.items() if k.startswith("float32")},
-                     fields=("loss", "params", "opt_state"))
+                     fields=("loss", "opt_state"))
 
 
 def test_project_train_step_on_the_mesh():
-    """manual_grad.train.make_train_step (clipping, AdamW, schedule) on 8 devices in FSDP:
-    same loss, moments and new parameters as on one device, and the same gradient norm to
-    float32 rounding (train_step computes it in float32). (Its
-    updates are not returned: Adam's conditioning, above, is why the parameters are compared
-    rather than their differences.)"""
+    """manual_grad.train.make_train_step (clipping, AdamW, schedule) in float32, the training
+    dtype, on 8 devices in FSDP: same loss, gradient norm and moments as on one device (the
+    parameters' update, Adam's conditioning aside, is an elementwise function of those)."""
     results = run_worker("equivalence", "--backend", "manual", "--optimizer", "train",
-                         "--dtypes", "float64", "float32", "--layouts", "data=8:fsdp")
-    assert len(results) == 2
-    assert_same_step(results, fields=("loss", "params", "opt_state"))
-    for case, r in results.items():   # train_step computes grad_norm in float32
-        assert r["metrics"][0] <= RTOL["float32"], (case, r["metrics"])
+                         "--dtypes", "float32", "--layouts", "data=8:fsdp")
+    assert len(results) == 1
+    assert_same_step(results, fields=("loss", "metrics", "opt_state"))
 
 
 @pytest.mark.slow
@@ -371,3 +368,22 @@ def test_initialize_distributed_reads_flags_and_environment(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
         parallel.initialize_distributed()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", ["replicated", "fsdp"])
+def test_train_command_on_a_mesh_matches_one_device(tmp_path, shard):
+    """``manual-grad train --mesh data=4 --shard ...`` logs the losses of the one-device run."""
+    text = tmp_path / "text.txt"
+    text.write_text("".join(chr(97 + (i * 7 + i // 5) % 26) + (" " if i % 9 == 0 else "") for i in range(6000)))
+    losses = {}
+    for name, extra, devices in (("one", [], 1), ("mesh", ["--mesh", "data=4", "--shard", shard], 4)):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        out = tmp_path / name
+        subprocess.run([sys.executable, "-m", "manual_grad", "train", "--data", str(text), "--out-dir", str(out),
+                        "--max-iters", "4", "--eval-interval", "2", "--eval-iters", "2", "--batch-size", "8",
+                        "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
+                        "--log-interval", "1", "--sample-tokens", "0", *extra],
+                       env=env, cwd=ROOT, check=True, capture_output=True, timeout=600)
+        losses[name] = [e["val"] for e in json.loads((out / "metrics.json").read_text())["eval"]]
+    np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=1e-5)

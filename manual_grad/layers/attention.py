@@ -13,6 +13,11 @@ projection's backward, every head's softmax backward at once, then the input pro
 The key bias gets exactly zero gradient: db_k = 1^T (dS_raw^T q) = (dS_raw 1)^T q = 0 because
 every row of dS sums to 0 (q b_k^T shifts a row of scores by a constant, which softmax ignores).
 The backward writes that exact 0 instead of summing rounding noise.
+
+Two backwards, chosen by the static ``block_size``: ``None`` is the paper's, which saves ρ
+(B, H, T, T); an integer b is the flash-attention one, which saves only the per-row
+log-sum-exp (B, H, T) and recomputes ρ on (b, b) tiles, skipping tiles above the causal
+diagonal. Scores, softmax and accumulations run in at least float32.
 """
 from __future__ import annotations
 
@@ -93,7 +98,7 @@ def attend_bwd(q, k, v, probs, dout):
 
 def attend_ref(q, k, v, *, causal):
     """Plain-jnp twin of :func:`attend_fwd`'s output."""
-    return _probs(q, k, causal) @ v
+    return _probs(q, k, causal).astype(v.dtype) @ v
 
 
 # --- the same core, tiled: flash attention ---------------------------------------------

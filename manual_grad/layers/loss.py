@@ -87,11 +87,24 @@ def _dlogits(z, lse, targets, scale):
     return ((probs - onehot) * ((targets != IGNORE_INDEX) * scale)[..., None]).astype(z.dtype)
 
 
-def _token_chunks(a, chunk, fill):
-    """(N, ...) -> (n_chunks, chunk, ...), padding the last chunk with ``fill``."""
-    n_chunks = -(-a.shape[0] // chunk)
-    pad = [(0, n_chunks * chunk - a.shape[0])] + [(0, 0)] * (a.ndim - 1)
-    return jnp.pad(a, pad, constant_values=fill).reshape(n_chunks, chunk, *a.shape[1:])
+def _time_chunks(a, size, fill):
+    """(B, T, ...) -> (n_chunks, B, size, ...) along time, padding the last chunk with ``fill``.
+    The batch axis stays whole, so a batch sharded over devices stays sharded."""
+    n_chunks = -(-a.shape[1] // size)
+    pad = [(0, 0), (0, n_chunks * size - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
+    a = jnp.pad(a, pad, constant_values=fill)
+    return jnp.moveaxis(a.reshape(a.shape[0], n_chunks, size, *a.shape[2:]), 1, 0)
+
+
+def _unchunk(a, T):
+    """(n_chunks, B, size, ...) -> (B, T, ...)."""
+    a = jnp.moveaxis(a, 0, 1)
+    return a.reshape(a.shape[0], -1, *a.shape[3:])[:, :T]
+
+
+def _chunk_positions(targets, chunk):
+    """Positions per chunk so that a chunk holds about ``chunk`` tokens of the whole batch."""
+    return max(1, min(chunk // targets.shape[0], targets.shape[1]))
 
 
 def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=None):
@@ -99,7 +112,8 @@ def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=N
 
     ``chunk=None`` (the paper's backward) saves x (B, T, C), the parameters and the logits
     (B, T, V). ``chunk=c`` saves only the per-token log-sum-exp (B, T): both passes then run
-    over c tokens at a time, so no (B·T, V) array of logits or of their gradient ever exists.
+    over about c tokens at a time (all of the batch, c / B positions), so no (B, T, V) array
+    of logits or of their gradient ever exists.
     """
     _check_adapters(adapters)
     n = _counted(targets)[1]
@@ -108,19 +122,17 @@ def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=N
         lse, nll = _token_nll(z, targets)
         return nll.sum() / n, (x, w, b, targets, adapters, xa, (z, lse))
 
-    w_out, C = _out_weight(w, tied), x.shape[-1]
+    w_out, size = _out_weight(w, tied), _chunk_positions(targets, chunk)
 
     def loss_chunk(total, chunk_inputs):
-        x_c, t_c = chunk_inputs                                                      # (c, C), (c,)
-        z, _ = lora_project_fwd(x_c, w_out, b, adapters, parts=("logits",), scale=lora_scale)  # (c, V)
+        x_c, t_c = chunk_inputs                                                      # (B, c, C), (B, c)
+        z, _ = lora_project_fwd(x_c, w_out, b, adapters, parts=("logits",), scale=lora_scale)  # (B, c, V)
         lse, nll = _token_nll(z, t_c)
         return total + nll.sum(), lse
 
     total, lse = jax.lax.scan(loss_chunk, jnp.zeros((), jnp.promote_types(x.dtype, jnp.float32)),
-                              (_token_chunks(x.reshape(-1, C), chunk, 0),
-                               _token_chunks(targets.reshape(-1), chunk, IGNORE_INDEX)))
-    lse = lse.reshape(-1)[: targets.size].reshape(targets.shape)                    # (B, T)
-    return total / n, (x, w, b, targets, adapters, None, lse)
+                              (_time_chunks(x, size, 0), _time_chunks(targets, size, IGNORE_INDEX)))
+    return total / n, (x, w, b, targets, adapters, None, _unchunk(lse, targets.shape[1]))    # lse: (B, T)
 
 
 def logits_loss_bwd(tied, lora_scale, chunk, residuals, dloss):
@@ -132,23 +144,21 @@ def logits_loss_bwd(tied, lora_scale, chunk, residuals, dloss):
         dx, dw, db, dadapters = logits_bwd(tied, lora_scale, (x, w, b, adapters, xa), dz)
         return dx, dw, db, None, dadapters
 
-    w_out, C = _out_weight(w, tied), x.shape[-1]
+    w_out, size = _out_weight(w, tied), _chunk_positions(targets, chunk)
 
     def grad_chunk(grads, chunk_inputs):
-        x_c, t_c, lse_c = chunk_inputs
+        x_c, t_c, lse_c = chunk_inputs                                               # (B, c, ...)
         z, xa_c = lora_project_fwd(x_c, w_out, b, adapters, parts=("logits",), scale=lora_scale)
-        dz = _dlogits(z, lse_c, t_c, scale)                                          # (c, V)
+        dz = _dlogits(z, lse_c, t_c, scale)                                          # (B, c, V)
         dx_c, *chunk_grads = lora_project_bwd(x_c, w_out, b, adapters, xa_c, dz,
                                                parts=("logits",), scale=lora_scale)
         return jax.tree.map(jnp.add, grads, tuple(chunk_grads)), dx_c
 
     zero_grads = jax.tree.map(jnp.zeros_like, (w_out, b, adapters))
     (dw, db, dadapters), dx = jax.lax.scan(
-        grad_chunk, zero_grads, (_token_chunks(x.reshape(-1, C), chunk, 0),
-                                 _token_chunks(targets.reshape(-1), chunk, IGNORE_INDEX),
-                                 _token_chunks(softmax_state.reshape(-1), chunk, 0)))
-    dx = dx.reshape(-1, C)[: targets.size].reshape(x.shape)
-    return dx, _out_weight(dw, tied), db, None, dadapters
+        grad_chunk, zero_grads, (_time_chunks(x, size, 0), _time_chunks(targets, size, IGNORE_INDEX),
+                                 _time_chunks(softmax_state, size, 0)))
+    return _unchunk(dx, x.shape[1]), _out_weight(dw, tied), db, None, dadapters
 
 
 logits_loss = manual_vjp(logits_loss_fwd, logits_loss_bwd)

@@ -1,0 +1,249 @@
+"""Property-based fuzzing (hypothesis): random layers, shapes, dtypes, configs and inputs.
+
+Valid draws: the hand-written backward equals autodiff of the ``*_ref`` twin. Invalid draws:
+the documented ``ValueError`` naming the argument. A few examples run in the default tier,
+hundreds under ``-m slow``.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from manual_grad import GPTConfig, LoRAConfig, init_params, loss_fn
+from manual_grad.config import LORA_TARGETS
+from manual_grad.layers.attention import attention, attention_ref
+from manual_grad.layers.layernorm import layernorm, layernorm_ref
+from manual_grad.layers.loss import IGNORE_INDEX, logits_loss, logits_loss_ref
+from manual_grad.layers.mlp import mlp, mlp_ref
+from tests.helpers import assert_vjp_matches, normal, random_tree
+
+COMPILING = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+
+def tiers(default: int, slow: int):
+    """(default-tier settings, slow-tier settings) of one property."""
+    return (settings(max_examples=default, **COMPILING),
+            settings(max_examples=slow, **COMPILING))
+
+
+# --- layers: manual == autodiff ------------------------------------------------------------------
+
+@st.composite
+def layer_cases(draw):
+    """(op, ref, args, settings, dtype) for a random layer, shape and dtype."""
+    kind = draw(st.sampled_from(["layernorm", "attention", "mlp", "logits_loss"]))
+    dtype = draw(st.sampled_from(["float64", "float32"]))
+    B, T, H, D = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    C, bias = H * D, draw(st.booleans())
+    k = iter(jax.random.split(jax.random.key(draw(st.integers(0, 2**16))), 8))
+    n = lambda *shape: normal(next(k), shape, dtype)
+    b = lambda *shape: n(*shape) if bias else None
+    x = n(B, T, C)
+    if kind == "layernorm":
+        return layernorm, layernorm_ref, (x, n(C), n(C)), dict(
+            eps=draw(st.sampled_from([1e-5, 1e-2])), recompute=draw(st.booleans())), dtype
+    if kind == "attention":
+        block = draw(st.sampled_from([None, 1, 2, 4]))
+        return attention, attention_ref, (x, n(C, 3 * C), b(3 * C), n(C, C), b(C), {}), dict(
+            n_head=H, causal=draw(st.booleans()), block_size=block), dtype
+    if kind == "mlp":
+        F = draw(st.integers(1, 8))
+        return mlp, mlp_ref, (x, n(C, F), b(F), n(F, C), b(C), {}), dict(
+            activation=draw(st.sampled_from(["gelu", "relu"]))), dtype
+    V, tied = draw(st.integers(2, 9)), draw(st.booleans())
+    targets = jax.random.randint(next(k), (B, T), 0, V)
+    targets = jnp.where(jax.random.uniform(next(k), (B, T)) < draw(st.sampled_from([0.0, 0.5, 1.0])),
+                        IGNORE_INDEX, targets)
+    return logits_loss, logits_loss_ref, (x, n(V, C) if tied else n(C, V), None if tied else b(V), targets, {}), dict(
+        tied=tied, chunk=draw(st.sampled_from([None, 1, 3, 16]))), dtype
+
+
+def check_layer(case):
+    op, ref, args, layer_settings, dtype = case
+    assert_vjp_matches(op, ref, args, layer_settings, rtol={"float64": 1e-9, "float32": 1e-4}[dtype])
+
+
+LAYERS_DEFAULT, LAYERS_SLOW = tiers(6, 200)
+
+
+@LAYERS_DEFAULT
+@given(case=layer_cases())
+def test_layers_match_autodiff(x64, case):
+    check_layer(case)
+
+
+@pytest.mark.slow
+@LAYERS_SLOW
+@given(case=layer_cases())
+def test_layers_match_autodiff_many(x64, case):
+    check_layer(case)
+
+
+# --- the model: manual == autodiff -----------------------------------------------------------------
+
+@st.composite
+def model_cases(draw):
+    """(cfg, params, inputs, targets) of a random small GPT and batch."""
+    H, D = draw(st.integers(1, 2)), draw(st.integers(1, 4))
+    lora = None
+    if draw(st.booleans()):
+        targets = draw(st.lists(st.sampled_from(LORA_TARGETS), min_size=1, max_size=3, unique=True))
+        lora = LoRAConfig(rank=draw(st.integers(1, H * D)), alpha=2.0, targets=tuple(targets))
+    tied = draw(st.booleans())
+    cfg = GPTConfig(vocab_size=draw(st.integers(max(2, H * D), 17)), block_size=draw(st.integers(1, 8)),
+                    n_layer=draw(st.integers(1, 2)), n_head=H, n_embd=H * D, mlp_ratio=draw(st.integers(1, 2)),
+                    activation=draw(st.sampled_from(["gelu", "relu"])), tied_embeddings=tied,
+                    lm_head_bias=not tied and draw(st.booleans()), bias=draw(st.booleans()),
+                    causal=draw(st.booleans()), backward=draw(st.sampled_from(["lean", "paper"])),
+                    attn_block_size=draw(st.integers(1, 4)), loss_chunk=draw(st.integers(1, 8)), lora=lora)
+    seed = draw(st.integers(0, 2**16))
+    params = init_params(cfg, jax.random.key(seed))
+    params = jax.tree.map(jnp.add, params, random_tree(jax.random.key(seed + 1), params, 0.3))
+    B, T = draw(st.integers(1, 2)), draw(st.integers(1, cfg.block_size))
+    k1, k2, k3 = jax.random.split(jax.random.key(seed + 2), 3)
+    targets = jnp.where(jax.random.uniform(k3, (B, T)) < 0.3, IGNORE_INDEX,
+                        jax.random.randint(k2, (B, T), 0, cfg.vocab_size))
+    return cfg, params, jax.random.randint(k1, (B, T), 0, cfg.vocab_size), targets
+
+
+def check_model(case):
+    cfg, params, inputs, targets = case
+    (loss, grads), (loss_ref, grads_ref) = (
+        jax.jit(jax.value_and_grad(loss_fn), static_argnums=(3, 4))(params, inputs, targets, cfg, backend)
+        for backend in ("manual", "autodiff"))
+    assert np.isfinite(float(loss)) and abs(float(loss) - float(loss_ref)) <= 1e-5 * max(float(loss_ref), 1.0)
+    flat_ref = dict(jax.tree_util.tree_leaves_with_path(grads_ref))
+    largest = max(float(np.linalg.norm(g)) for g in flat_ref.values())
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        # float32 rounding: each gradient within 1e-4 of the largest one's norm, and relatively.
+        diff = float(np.linalg.norm(np.asarray(g, np.float64) - np.asarray(flat_ref[path], np.float64)))
+        assert diff <= 1e-4 * max(float(np.linalg.norm(flat_ref[path])), 1e-2 * largest), (
+            cfg, jax.tree_util.keystr(path), diff)
+
+
+MODEL_DEFAULT, MODEL_SLOW = tiers(2, 200)
+
+
+@MODEL_DEFAULT
+@given(case=model_cases())
+def test_model_matches_autodiff(case):
+    check_model(case)
+
+
+@pytest.mark.slow
+@MODEL_SLOW
+@given(case=model_cases())
+def test_model_matches_autodiff_many(case):
+    check_model(case)
+
+
+# --- invalid configs: ValueError naming the field ------------------------------------------------------
+
+FIELDS = {
+    "vocab_size": st.integers(-3, 20), "block_size": st.integers(-3, 20), "n_layer": st.integers(-2, 3),
+    "n_head": st.integers(-2, 5), "n_embd": st.integers(-4, 24), "mlp_ratio": st.integers(-1, 4),
+    "dropout": st.sampled_from([-0.5, -0.0, 0.0, 0.1, 0.99, 1.0, 1.5]),
+    "ln_eps": st.sampled_from([-1e-5, 0.0, 1e-5]),
+    "activation": st.sampled_from(["gelu", "relu", "tanh"]),
+    "dtype": st.sampled_from(["float32", "bfloat16", "int8"]),
+    "backward": st.sampled_from(["lean", "paper", "fast"]),
+}
+
+
+def expected_error(fields: dict, rank: int | None, lora_targets) -> str | None:
+    """The first field the config must reject (an independent statement of the rules), or None."""
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+        if fields[name] <= 0:
+            return name
+    if fields["n_embd"] % fields["n_head"]:
+        return "n_embd"
+    checks = {"activation": fields["activation"] in ("gelu", "relu"), "ln_eps": fields["ln_eps"] >= 0,
+              "dropout": 0 <= fields["dropout"] < 1, "dtype": fields["dtype"] != "int8",
+              "backward": fields["backward"] in ("lean", "paper")}
+    for name, ok in checks.items():
+        if not ok:
+            return name
+    if rank is not None:
+        smallest = min(fields["n_embd"], fields["vocab_size"] if "logits" in lora_targets else fields["n_embd"])
+        if rank > smallest:
+            return "lora.rank"
+    return None
+
+
+def check_config(fields, rank, lora_targets):
+    if rank is not None and rank <= 0:
+        with pytest.raises(ValueError, match="lora.rank"):
+            LoRAConfig(rank=rank, targets=lora_targets)
+        return
+    lora = LoRAConfig(rank=rank, targets=lora_targets) if rank is not None else None
+    bad = expected_error(fields, rank, lora_targets)
+    if bad is None:
+        cfg = GPTConfig(**fields, lora=lora)
+        assert cfg.head_size * cfg.n_head == cfg.n_embd
+    else:
+        with pytest.raises(ValueError, match=bad.replace(".", r"\.")):
+            GPTConfig(**fields, lora=lora)
+
+
+config_draws = dict(fields=st.fixed_dictionaries(FIELDS), rank=st.one_of(st.none(), st.integers(-1, 30)),
+                    lora_targets=st.sampled_from([("q", "v"), ("logits",), ("fc", "logits")]))
+CONFIG_DEFAULT, CONFIG_SLOW = (settings(max_examples=n, derandomize=True) for n in (100, 1000))
+
+
+@CONFIG_DEFAULT
+@given(**config_draws)
+def test_invalid_configs_raise_naming_the_field(fields, rank, lora_targets):
+    check_config(fields, rank, lora_targets)
+
+
+@pytest.mark.slow
+@CONFIG_SLOW
+@given(**config_draws)
+def test_invalid_configs_raise_naming_the_field_many(fields, rank, lora_targets):
+    check_config(fields, rank, lora_targets)
+
+
+# --- invalid token inputs: ValueError naming the argument, before any compute ------------------------
+
+CFG = GPTConfig(vocab_size=11, block_size=6, n_layer=1, n_head=1, n_embd=4)
+PARAMS = init_params(CFG, jax.random.key(0))
+
+
+@st.composite
+def bad_batches(draw):
+    """(inputs, targets, the argument to blame, a fragment of the message)."""
+    B, T = draw(st.integers(1, 3)), draw(st.integers(1, CFG.block_size))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    good = lambda: rng.integers(0, CFG.vocab_size, (B, T)).astype(np.int32)
+    which = draw(st.sampled_from(["inputs", "targets"]))
+    fault = draw(st.sampled_from(["too high", "negative", "float", "rank 1", "rank 3", "too long", "empty"]))
+    bad, message = good(), ""
+    if fault == "too high":
+        bad.flat[rng.integers(bad.size)] = draw(st.integers(CFG.vocab_size, 10**6))
+        message = "outside"
+    elif fault == "negative":
+        bad.flat[rng.integers(bad.size)] = draw(st.integers(-10**6, -1).filter(lambda v: v != IGNORE_INDEX))
+        message = "outside"
+    elif fault == "float":
+        bad, message = bad.astype(draw(st.sampled_from([np.float32, np.float16]))), "integer dtype"
+    elif fault == "rank 1":
+        bad, message = bad.reshape(-1), "rank 2"
+    elif fault == "rank 3":
+        bad, message = bad[None], "rank 2"
+    elif fault == "too long":
+        bad, message = rng.integers(0, CFG.vocab_size, (B, CFG.block_size + draw(st.integers(1, 4)))), "block_size"
+    else:
+        bad, message = bad[:, :0], "T >= 1"
+    inputs, targets = (bad, good()) if which == "inputs" else (good(), bad)
+    return inputs, targets, which, message
+
+
+@settings(max_examples=60, derandomize=True)
+@given(case=bad_batches())
+def test_invalid_token_batches_raise_naming_the_argument(case):
+    inputs, targets, which, message = case
+    with pytest.raises(ValueError) as error:
+        loss_fn(PARAMS, jnp.asarray(inputs), jnp.asarray(targets), CFG)
+    assert str(error.value).startswith(which) and message in str(error.value), str(error.value)
