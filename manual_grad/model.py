@@ -237,7 +237,9 @@ def _layer_settings(cfg: GPTConfig, backend: str) -> dict[str, dict]:
                           block_size=cfg.attn_block_size if lean else None),
         "mlp": dict(activation=cfg.activation, lora_scale=s),
         "logits": dict(tied=cfg.tied_embeddings, lora_scale=s),
-        "loss": dict(tied=cfg.tied_embeddings, lora_scale=s, chunk=cfg.loss_chunk if lean else None),
+        # chunking pays only when a token's logits are larger than its hidden state
+        "loss": dict(tied=cfg.tied_embeddings, lora_scale=s,
+                     chunk=cfg.loss_chunk if lean and cfg.vocab_size > cfg.n_embd else None),
     }
 
 

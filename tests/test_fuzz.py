@@ -32,9 +32,11 @@ def tiers(default: int, slow: int):
 
 @st.composite
 def layer_cases(draw):
-    """(op, ref, args, settings, dtype) for a random layer, shape and dtype."""
+    """(op, ref, args, settings) for a random layer and shape, in float64: a tiny float32
+    case (e.g. LayerNorm over C = 2, whose dx is analytically 0) can be pure cancellation
+    noise in both backwards; float32 is drawn in the model cases below."""
     kind = draw(st.sampled_from(["layernorm", "attention", "mlp", "logits_loss"]))
-    dtype = draw(st.sampled_from(["float64", "float32"]))
+    dtype = "float64"
     B, T, H, D = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
     C, bias = H * D, draw(st.booleans())
     k = iter(jax.random.split(jax.random.key(draw(st.integers(0, 2**16))), 8))
@@ -43,26 +45,26 @@ def layer_cases(draw):
     x = n(B, T, C)
     if kind == "layernorm":
         return layernorm, layernorm_ref, (x, n(C), n(C)), dict(
-            eps=draw(st.sampled_from([1e-5, 1e-2])), recompute=draw(st.booleans())), dtype
+            eps=draw(st.sampled_from([1e-5, 1e-2])), recompute=draw(st.booleans()))
     if kind == "attention":
         block = draw(st.sampled_from([None, 1, 2, 4]))
         return attention, attention_ref, (x, n(C, 3 * C), b(3 * C), n(C, C), b(C), {}), dict(
-            n_head=H, causal=draw(st.booleans()), block_size=block), dtype
+            n_head=H, causal=draw(st.booleans()), block_size=block)
     if kind == "mlp":
         F = draw(st.integers(1, 8))
         return mlp, mlp_ref, (x, n(C, F), b(F), n(F, C), b(C), {}), dict(
-            activation=draw(st.sampled_from(["gelu", "relu"]))), dtype
+            activation=draw(st.sampled_from(["gelu", "relu"])))
     V, tied = draw(st.integers(2, 9)), draw(st.booleans())
     targets = jax.random.randint(next(k), (B, T), 0, V)
     targets = jnp.where(jax.random.uniform(next(k), (B, T)) < draw(st.sampled_from([0.0, 0.5, 1.0])),
                         IGNORE_INDEX, targets)
     return logits_loss, logits_loss_ref, (x, n(V, C) if tied else n(C, V), None if tied else b(V), targets, {}), dict(
-        tied=tied, chunk=draw(st.sampled_from([None, 1, 3, 16]))), dtype
+        tied=tied, chunk=draw(st.sampled_from([None, 1, 3, 16])))
 
 
 def check_layer(case):
-    op, ref, args, layer_settings, dtype = case
-    assert_vjp_matches(op, ref, args, layer_settings, rtol={"float64": 1e-9, "float32": 1e-4}[dtype])
+    op, ref, args, layer_settings = case
+    assert_vjp_matches(op, ref, args, layer_settings, rtol=1e-9)
 
 
 LAYERS_DEFAULT, LAYERS_SLOW = tiers(6, 200)
@@ -85,7 +87,7 @@ def test_layers_match_autodiff_many(x64, case):
 
 @st.composite
 def model_cases(draw):
-    """(cfg, params, inputs, targets) of a random small GPT and batch."""
+    """(cfg, params, inputs, targets) of a random small GPT and batch, float32 or float64."""
     H, D = draw(st.integers(1, 2)), draw(st.integers(1, 4))
     lora = None
     if draw(st.booleans()):
@@ -97,7 +99,8 @@ def model_cases(draw):
                     activation=draw(st.sampled_from(["gelu", "relu"])), tied_embeddings=tied,
                     lm_head_bias=not tied and draw(st.booleans()), bias=draw(st.booleans()),
                     causal=draw(st.booleans()), backward=draw(st.sampled_from(["lean", "paper"])),
-                    attn_block_size=draw(st.integers(1, 4)), loss_chunk=draw(st.integers(1, 8)), lora=lora)
+                    attn_block_size=draw(st.integers(1, 4)), loss_chunk=draw(st.integers(1, 8)), lora=lora,
+                    dtype=draw(st.sampled_from(["float32", "float64"])))
     seed = draw(st.integers(0, 2**16))
     params = init_params(cfg, jax.random.key(seed))
     params = jax.tree.map(jnp.add, params, random_tree(jax.random.key(seed + 1), params, 0.3))
@@ -110,16 +113,17 @@ def model_cases(draw):
 
 def check_model(case):
     cfg, params, inputs, targets = case
+    tol = 1e-4 if cfg.dtype == "float32" else 1e-9
     (loss, grads), (loss_ref, grads_ref) = (
         jax.jit(jax.value_and_grad(loss_fn), static_argnums=(3, 4))(params, inputs, targets, cfg, backend)
         for backend in ("manual", "autodiff"))
-    assert np.isfinite(float(loss)) and abs(float(loss) - float(loss_ref)) <= 1e-5 * max(float(loss_ref), 1.0)
+    assert np.isfinite(float(loss)) and abs(float(loss) - float(loss_ref)) <= tol * max(float(loss_ref), 1.0)
     flat_ref = dict(jax.tree_util.tree_leaves_with_path(grads_ref))
     largest = max(float(np.linalg.norm(g)) for g in flat_ref.values())
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        # float32 rounding: each gradient within 1e-4 of the largest one's norm, and relatively.
+        # Rounding: each gradient within tol relatively, or of 1% of the largest gradient's norm.
         diff = float(np.linalg.norm(np.asarray(g, np.float64) - np.asarray(flat_ref[path], np.float64)))
-        assert diff <= 1e-4 * max(float(np.linalg.norm(flat_ref[path])), 1e-2 * largest), (
+        assert diff <= tol * max(float(np.linalg.norm(flat_ref[path])), 1e-2 * largest), (
             cfg, jax.tree_util.keystr(path), diff)
 
 
@@ -128,14 +132,14 @@ MODEL_DEFAULT, MODEL_SLOW = tiers(2, 200)
 
 @MODEL_DEFAULT
 @given(case=model_cases())
-def test_model_matches_autodiff(case):
+def test_model_matches_autodiff(x64, case):
     check_model(case)
 
 
 @pytest.mark.slow
 @MODEL_SLOW
 @given(case=model_cases())
-def test_model_matches_autodiff_many(case):
+def test_model_matches_autodiff_many(x64, case):
     check_model(case)
 
 

@@ -138,9 +138,17 @@ def _add_rows(acc, i, block, update):
     return jax.lax.dynamic_update_slice_in_dim(acc, _rows(acc, i, block) + update, i * block, axis=2)
 
 
+def tile_size(T, block):
+    """The tile actually used for length T: at most ``block``, balanced so that the last tile
+    is padded by as few rows as possible (T itself when T <= block)."""
+    n_blocks = -(-T // block)
+    return -(-T // n_blocks)
+
+
 def flash_attend_fwd(q, k, v, *, causal, block):
     """``out = ρ v`` tile by tile; returns ``(out (B, H, T, D), lse (B, H, T) float32)``."""
     T = q.shape[-2]
+    block = tile_size(T, block)
     n_blocks = -(-T // block)
     q, k, v = (_pad_time(a, n_blocks * block) for a in (q, k, v))
     f32 = accumulation_dtype(q.dtype)
@@ -170,6 +178,7 @@ def flash_attend_fwd(q, k, v, *, causal, block):
 def flash_attend_bwd(q, k, v, out, lse, dout, *, causal, block):
     """Backward of :func:`flash_attend_fwd`: ``(dq, dk, dv)``, ρ recomputed tile by tile."""
     T = q.shape[-2]
+    block = tile_size(T, block)
     n_blocks = -(-T // block)
     Tp = n_blocks * block
     f32 = accumulation_dtype(q.dtype)

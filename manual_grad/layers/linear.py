@@ -5,6 +5,7 @@ Backward (sums over tokens are over every leading axis):
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from manual_grad.vjp import manual_vjp
@@ -13,8 +14,12 @@ __all__ = ["linear", "linear_fwd", "linear_bwd", "linear_ref", "matmul_tokens"]
 
 
 def matmul_tokens(a, b):
-    """``a^T b`` summed over every token (leading) axis: (..., m), (..., n) -> (m, n)."""
-    return jnp.einsum("...m,...n->mn", a, b)
+    """``a^T b`` summed over every token (leading) axis: (..., m), (..., n) -> (m, n).
+
+    Written as one 2-D contraction over the flattened tokens, so that no transposed copy of
+    ``a`` is materialised first."""
+    a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])             # (N, m), (N, n)
+    return jax.lax.dot_general(a2, b2, (((0,), (0,)), ((), ())))
 
 
 def linear_fwd(x, w, b):

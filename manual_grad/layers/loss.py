@@ -103,8 +103,11 @@ def _unchunk(a, T):
 
 
 def _chunk_positions(targets, chunk):
-    """Positions per chunk so that a chunk holds about ``chunk`` tokens of the whole batch."""
-    return max(1, min(chunk // targets.shape[0], targets.shape[1]))
+    """Positions per chunk so that a chunk holds at most about ``chunk`` tokens of the whole
+    batch, balanced so that the last chunk is padded by as few positions as possible."""
+    B, T = targets.shape
+    n_chunks = -(-T // max(1, min(chunk // B, T)))
+    return -(-T // n_chunks)
 
 
 def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=None):
