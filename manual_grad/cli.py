@@ -109,6 +109,8 @@ def _add_train_flags(p) -> None:
     p.add_argument("--process-id", type=_count, metavar="I",
                    help="multi-host: this process's rank (env JAX_PROCESS_ID)")
     _add(p, "--dropout", "dropout rate in training", type=float, metavar="P")
+    _add(p, "--dtype", "compute dtype (bfloat16/float16: mixed precision, float32 parameters)",
+         choices=("float32", "bfloat16", "float16"))
     _add(p, "--eval-interval", "steps between evaluations", type=_positive_int, metavar="N")
     _add(p, "--eval-iters", "batches per evaluation and split", type=_positive_int, metavar="N")
     _add(p, "--log-interval", "steps between progress updates", type=_positive_int, metavar="N")
@@ -171,7 +173,7 @@ FLAG_TO_FIELD = {"out_dir", "data", "max_chars", "val_fraction", "tokenizer", "b
                  "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip",
                  "eval_interval", "eval_iters", "log_interval", "seed", "resume", "sample_tokens", "init_from",
                  "from_hf", "lora_rank", "lora_alpha", "lora_targets", "lora_convention", "merge",
-                 "mesh", "shard"}
+                 "mesh", "shard", "dtype"}
 
 
 def _train_config(args):

@@ -71,6 +71,7 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True
     backend: str = "manual"               # "manual" (hand-written VJPs) | "autodiff"
+    dtype: str = "float32"                # compute dtype; "bfloat16"/"float16" keep float32 parameters
     # optimisation
     batch_size: int = 12
     max_iters: int = 500
@@ -461,7 +462,8 @@ def train(tc: TrainConfig, *, log=None, stdout=None) -> TrainResult:
         tokenizer = (data_lib.tokenizer_from_dict(resumed.meta["tokenizer"]) if resumed is not None
                      else data_lib.make_tokenizer(tc.tokenizer, text, bpe_dir=tc.bpe_dir))
         cfg = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=tc.n_layer,
-                        n_head=tc.n_head, n_embd=tc.n_embd, dropout=tc.dropout, bias=tc.bias)
+                        n_head=tc.n_head, n_embd=tc.n_embd, dropout=tc.dropout, bias=tc.bias,
+                        dtype=tc.dtype)
     tokens = tokenizer.encode(text)
     splits = data_lib.split_tokens(tokens, tc.val_fraction)
     data_lib.check_block_size(splits, block_size)

@@ -67,7 +67,7 @@ def check_layer(case):
     assert_vjp_matches(op, ref, args, layer_settings, rtol=1e-9)
 
 
-LAYERS_DEFAULT, LAYERS_SLOW = tiers(6, 200)
+LAYERS_DEFAULT, LAYERS_SLOW = tiers(4, 200)
 
 
 @LAYERS_DEFAULT

@@ -87,7 +87,7 @@ def test_model_gradients_full_grid_sample_float64(x64, seed):
     assert_grads_match(cfg, int(pick([1, 3])), int(pick([1, cfg.block_size])), seed=seed, ignore=0.3)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_model_gradients_property(data):
     """Hypothesis draws configs and shapes, edges included (T=1, head size 1, vocab 2,
@@ -100,7 +100,8 @@ def test_model_gradients_property(data):
                     n_layer=data.draw(st.integers(1, 2), "n_layer"), n_head=n_head,
                     n_embd=n_head * head_size,
                     activation=data.draw(st.sampled_from(["gelu", "relu"]), "activation"),
-                    ln_eps=data.draw(st.sampled_from([0.0, 1e-5]), "ln_eps"),
+                    # LayerNorm over one feature has var = 0: it needs eps > 0
+                    ln_eps=1e-5 if n_head * head_size == 1 else data.draw(st.sampled_from([0.0, 1e-5]), "ln_eps"),
                     tied_embeddings=tied, lm_head_bias=not tied and data.draw(st.booleans(), "b"),
                     lora=data.draw(st.sampled_from([None, LoRAConfig(rank=1, targets=ALL_TARGETS)]), "lora"),
                     backward=data.draw(st.sampled_from(["lean", "paper"]), "backward"),
@@ -114,10 +115,10 @@ def test_model_gradients_property(data):
         inputs, targets = tokens(cfg, B, T)
         if one_target:
             targets = jnp.full_like(targets, IGNORE_INDEX).at[B - 1, T - 1].set(targets[B - 1, T - 1])
-        g = jax.grad(loss_fn)(params, inputs, targets, cfg, "manual")
-        g_ref = jax.grad(loss_fn)(params, inputs, targets, cfg, "autodiff")
+        grad = jax.jit(jax.grad(loss_fn), static_argnums=(3, 4))
+        g, g_ref = (grad(params, inputs, targets, cfg, backend) for backend in ("manual", "autodiff"))
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-            assert rel_err(a, b) <= 1e-12
+            assert np.all(np.isfinite(np.asarray(a))) and rel_err(a, b) <= 1e-12
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -132,14 +133,15 @@ def test_model_key_bias_gradient_is_exactly_zero(x64, dtype):
     assert np.all(np.abs(np.asarray(db[:, :C])).sum(-1) > 0)
 
 
-def test_forward_logits_agree_between_backends():
-    cfg = GPTConfig.preset("tiny", tied_embeddings=False, lm_head_bias=True,
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-4)])
+def test_forward_logits_agree_between_backends(x64, dtype, tol):
+    cfg = GPTConfig.preset("tiny", tied_embeddings=False, lm_head_bias=True, dtype=dtype,
                            lora=LoRAConfig(rank=2, targets=ALL_TARGETS))
     params = random_model(cfg)
     inputs, _ = tokens(cfg, 2, 9)
     z = forward(params, inputs, cfg, "manual")
-    assert z.shape == (2, 9, cfg.vocab_size)
-    np.testing.assert_allclose(z, forward(params, inputs, cfg, "autodiff"), rtol=1e-6, atol=1e-6)
+    assert z.shape == (2, 9, cfg.vocab_size) and z.dtype == jnp.dtype(dtype)
+    assert rel_err(z, forward(params, inputs, cfg, "autodiff")) <= tol
 
 
 # --- parameter counts: the paper's numbers -------------------------------------------------
@@ -186,15 +188,15 @@ def test_jit_value_and_grad(backend):
 
 @pytest.mark.parametrize("backend", ["manual", "autodiff"])
 def test_program_size_does_not_grow_with_depth(backend):
-    """Blocks run in a lax.scan: the compiled GPT-2 program for 12 layers is no larger than
-    for 1 (lowered from shapes only, nothing allocated)."""
+    """Blocks run in a lax.scan: the lowered GPT-2 program has the same size for 12 and 24
+    layers, and within a few constants that of 1 layer (from shapes only, nothing allocated)."""
     def hlo_size(n_layer):
         cfg = GPTConfig.preset("gpt2", n_layer=n_layer)
         params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
         ids = jax.ShapeDtypeStruct((1, 64), jnp.int32)
         fn = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(3, 4))
         return len(fn.lower(params, ids, ids, cfg, backend).as_text().splitlines())
-    assert hlo_size(12) == hlo_size(1)
+    assert hlo_size(24) == hlo_size(12) <= 1.05 * hlo_size(1)
 
 
 def test_merge_lora_gives_the_same_model():

@@ -96,8 +96,8 @@ def test_layernorm_constant_row_with_eps_0_is_nan_in_that_row_only(recompute):
 
 # --- attention rows with a single visible key ---------------------------------------------------
 
-@pytest.mark.parametrize("T", [1, 4])
-@pytest.mark.parametrize("block_size", [None, 2])
+@pytest.mark.parametrize("T, block_size", [(1, None), (4, 2), pytest.param(1, 2, marks=pytest.mark.slow),
+                                           pytest.param(4, None, marks=pytest.mark.slow)])
 def test_attention_row_with_one_visible_key_returns_its_value(T, block_size):
     """Causal row 0 sees only key 0: its softmax is exactly [1], so y_0 = v_0 W_o + b_o."""
     x, w_qkv, b_qkv, w_o, b_o, adapters = args = _attention_args(jax.random.key(5), 2, T, 8)
