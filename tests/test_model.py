@@ -117,8 +117,15 @@ def test_model_gradients_property(data):
             targets = jnp.full_like(targets, IGNORE_INDEX).at[B - 1, T - 1].set(targets[B - 1, T - 1])
         grad = jax.jit(jax.grad(loss_fn), static_argnums=(3, 4))
         g, g_ref = (grad(params, inputs, targets, cfg, backend) for backend in ("manual", "autodiff"))
+        # an array that is analytically 0 (LayerNorm over C = 2 features has dx = 0) is
+        # rounding noise in both backends: it must only be as small as noise
+        noise = 1e-10 * max(float(np.linalg.norm(np.asarray(b))) for b in jax.tree.leaves(g_ref))
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-            assert np.all(np.isfinite(np.asarray(a))) and rel_err(a, b) <= 1e-12
+            assert np.all(np.isfinite(np.asarray(a)))
+            if np.linalg.norm(np.asarray(b)) <= noise:
+                assert np.linalg.norm(np.asarray(a)) <= noise
+            else:
+                assert rel_err(a, b) <= 1e-12
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
