@@ -25,8 +25,9 @@ def compile_timed(fn, *args):
 def memory_bytes(compiled) -> dict:
     """XLA's accounting of a compiled function (``compiled.memory_analysis()``).
 
-    ``total = temp + argument + output``: the buffers that are live while it runs (no
-    argument is donated here, so nothing aliases). ``temp`` holds the activations kept for
+    ``total = temp + argument + output``: the buffers that are live while it runs (the step
+    is compiled here without donation, so nothing aliases; the timed step donates, see
+    ``benchmarks.run.donating_step``). ``temp`` holds the activations kept for
     the backward and every intermediate; arguments and outputs are the same for both
     backends of one case.
     """

@@ -14,6 +14,10 @@ Every layer in :mod:`manual_grad.layers` follows the same contract::
 * ``bwd`` returns one cotangent per positional input, each with the structure and
   dtype of that input (``None`` for integer inputs such as token ids).
 
+``shapes`` declares the array inputs' shapes and dtypes (see :mod:`manual_grad.shapes`),
+checked when the op is called, so a wrong input raises a ``ValueError``/``TypeError`` naming
+the argument. It is a dict, or a function of the settings returning one.
+
 The resulting op is an ordinary ``jax.custom_vjp`` function: it composes with
 ``jit``, ``grad``, ``vmap`` and ``lax.scan``.
 """
@@ -21,14 +25,17 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
+
+from manual_grad.shapes import check_inputs
 
 __all__ = ["manual_vjp"]
 
 
-def manual_vjp(fwd: Callable[..., tuple[Any, Any]], bwd: Callable[..., tuple]) -> Callable:
+def manual_vjp(fwd: Callable[..., tuple[Any, Any]], bwd: Callable[..., tuple], *,
+               shapes: Mapping[str, str] | Callable[..., Mapping[str, str]] | None = None) -> Callable:
     """Registers ``bwd`` as the vector-Jacobian product of ``fwd``'s first output.
 
     Returns ``op(*inputs, **settings) -> y`` whose forward runs ``fwd`` (keeping
@@ -77,9 +84,12 @@ def manual_vjp(fwd: Callable[..., tuple[Any, Any]], bwd: Callable[..., tuple]) -
                 values.append(p.default)
             else:
                 raise TypeError(f"{name}() missing keyword setting {p.name!r}")
+        if shapes is not None:
+            specs = shapes(**dict(zip(setting_names, values))) if callable(shapes) else shapes
+            check_inputs(name, specs, dict(zip(input_names, inputs)))
         return op_core(tuple(values), *inputs)
 
     op.__name__ = name
     op.__qualname__ = name
-    op.fwd, op.bwd = fwd, bwd
+    op.fwd, op.bwd, op.shapes = fwd, bwd, shapes
     return op

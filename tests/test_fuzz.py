@@ -17,7 +17,7 @@ from manual_grad.layers.attention import attention, attention_ref
 from manual_grad.layers.layernorm import layernorm, layernorm_ref
 from manual_grad.layers.loss import IGNORE_INDEX, logits_loss, logits_loss_ref
 from manual_grad.layers.mlp import mlp, mlp_ref
-from tests.helpers import assert_vjp_matches, normal, random_tree
+from tests.helpers import assert_trees_close, assert_vjp_matches, normal, random_tree
 
 COMPILING = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
@@ -118,13 +118,7 @@ def check_model(case):
         jax.jit(jax.value_and_grad(loss_fn), static_argnums=(3, 4))(params, inputs, targets, cfg, backend)
         for backend in ("manual", "autodiff"))
     assert np.isfinite(float(loss)) and abs(float(loss) - float(loss_ref)) <= tol * max(float(loss_ref), 1.0)
-    flat_ref = dict(jax.tree_util.tree_leaves_with_path(grads_ref))
-    largest = max(float(np.linalg.norm(g)) for g in flat_ref.values())
-    for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        # Rounding: each gradient within tol relatively, or of 1% of the largest gradient's norm.
-        diff = float(np.linalg.norm(np.asarray(g, np.float64) - np.asarray(flat_ref[path], np.float64)))
-        assert diff <= tol * max(float(np.linalg.norm(flat_ref[path])), 1e-2 * largest), (
-            cfg, jax.tree_util.keystr(path), diff)
+    assert_trees_close(grads, grads_ref, cfg.dtype, rtol=tol)
 
 
 MODEL_DEFAULT, MODEL_SLOW = tiers(2, 200)

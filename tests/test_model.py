@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from manual_grad import GPTConfig, LoRAConfig, count_params, forward, init_params, loss_fn
 from manual_grad.model import IGNORE_INDEX, merge_lora
-from tests.helpers import GRAD_RTOL, normal, pairwise_grid, random_tree, rel_err
+from tests.helpers import GRAD_RTOL, assert_trees_close, normal, pairwise_grid, random_tree, rel_err
 
 ALL_TARGETS = ("q", "k", "v", "o", "fc", "proj", "logits")
 
@@ -38,10 +38,8 @@ def assert_grads_match(cfg, B, T, seed=0, ignore=0.0):
         step = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(3, 4))
         results[backend] = step(params, inputs, targets, cfg, backend)
     (loss, grads), (loss_ref, grads_ref) = results["manual"], results["autodiff"]
-    tol = GRAD_RTOL[cfg.dtype]
-    assert rel_err(loss, loss_ref) <= tol
-    for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_ref)):
-        assert rel_err(g, g_ref) <= tol, f"{jax.tree_util.keystr(path)}: {rel_err(g, g_ref):.3g}"
+    assert rel_err(loss, loss_ref) <= GRAD_RTOL[cfg.dtype]
+    assert_trees_close(grads, grads_ref, cfg.dtype)
     return grads
 
 
@@ -87,7 +85,15 @@ def test_model_gradients_full_grid_sample_float64(x64, seed):
     assert_grads_match(cfg, int(pick([1, 3])), int(pick([1, cfg.block_size])), seed=seed, ignore=0.3)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_model_gradients_layernorm_over_two_features(x64):
+    """A case hypothesis found: LayerNorm over C = 2 features with eps = 1e-5 scales dx by about
+    eps / var, so the gradients below it are 1e-6 of the rest and carry its rounding."""
+    cfg = GPTConfig(vocab_size=2, block_size=1, n_layer=1, n_head=1, n_embd=2, ln_eps=1e-5,
+                    tied_embeddings=True, attn_block_size=1, loss_chunk=1, dtype="float64")
+    assert_grads_match(cfg, 1, 1)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_model_gradients_property(data):
     """Hypothesis draws configs and shapes, edges included (T=1, head size 1, vocab 2,
@@ -117,15 +123,7 @@ def test_model_gradients_property(data):
             targets = jnp.full_like(targets, IGNORE_INDEX).at[B - 1, T - 1].set(targets[B - 1, T - 1])
         grad = jax.jit(jax.grad(loss_fn), static_argnums=(3, 4))
         g, g_ref = (grad(params, inputs, targets, cfg, backend) for backend in ("manual", "autodiff"))
-        # an array that is analytically 0 (LayerNorm over C = 2 features has dx = 0) is
-        # rounding noise in both backends: it must only be as small as noise
-        noise = 1e-10 * max(float(np.linalg.norm(np.asarray(b))) for b in jax.tree.leaves(g_ref))
-        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-            assert np.all(np.isfinite(np.asarray(a)))
-            if np.linalg.norm(np.asarray(b)) <= noise:
-                assert np.linalg.norm(np.asarray(a)) <= noise
-            else:
-                assert rel_err(a, b) <= 1e-12
+        assert_trees_close(g, g_ref, "float64")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

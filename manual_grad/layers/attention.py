@@ -46,6 +46,8 @@ def accumulation_dtype(dtype):
 def split_heads(x, n_head):
     """(B, T, C) -> (B, H, T, D)."""
     *batch, T, C = x.shape
+    if n_head < 1 or C % n_head:
+        raise ValueError(f"n_head must be a positive divisor of the width C={C}, got {n_head}")
     return x.reshape(*batch, T, n_head, C // n_head).swapaxes(-2, -3)
 
 
@@ -261,7 +263,9 @@ def attention_bwd(n_head, causal, lora_scale, block_size, residuals, dy):
     return dx, dw_qkv, db_qkv, dw_o, db_o, {**dqkv_adapters, **do_adapters}
 
 
-attention = manual_vjp(attention_fwd, attention_bwd)
+# The inputs of self-attention (and of its variants): checked when the op is called.
+ATTENTION_SHAPES = dict(x="B T C", w_qkv="C 3*C", b_qkv="optional 3*C", w_o="C C", b_o="optional C")
+attention = manual_vjp(attention_fwd, attention_bwd, shapes=ATTENTION_SHAPES)
 
 
 def attention_ref(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, lora_scale=1.0,

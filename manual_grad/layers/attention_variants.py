@@ -32,8 +32,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from manual_grad.layers.attention import (attend_bwd, attend_fwd, attend_ref, causal_mask, merge_heads,
-                                          split_heads)
+from manual_grad.layers.attention import (ATTENTION_SHAPES, attend_bwd, attend_fwd, attend_ref, causal_mask,
+                                          merge_heads, split_heads)
 from manual_grad.layers.linear import linear_bwd, linear_fwd, linear_ref
 from manual_grad.layers.linear_attention import linear_attend_bwd, linear_attend_fwd, linear_attend_ref
 from manual_grad.vjp import manual_vjp
@@ -44,6 +44,10 @@ __all__ = ["alibi_attend", "alibi_attend_fwd", "alibi_attend_bwd", "alibi_attend
            "rms_normalise", "rms_normalise_fwd", "rms_normalise_bwd", "rms_normalise_ref",
            "attention_variant", "attention_variant_fwd", "attention_variant_bwd",
            "attention_variant_ref", "KINDS"]
+
+
+# q, k, v of the per-head cores: (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, Dv)
+HEAD_SHAPES = dict(q="... Tq D", k="... Tk D", v="... Tk Dv")
 
 
 # --- ALiBi ---------------------------------------------------------------------------------
@@ -77,7 +81,7 @@ def alibi_attend_bwd(causal, residuals, dout):
     return attend_bwd(*residuals, dout)          # the bias is a constant: softmax attention's backward
 
 
-alibi_attend = manual_vjp(alibi_attend_fwd, alibi_attend_bwd)
+alibi_attend = manual_vjp(alibi_attend_fwd, alibi_attend_bwd, shapes=HEAD_SHAPES)
 
 
 def alibi_attend_ref(q, k, v, *, causal=True):
@@ -109,7 +113,7 @@ def sigmoid_attend_bwd(causal, residuals, dout):
     return dscores @ k, dscores.swapaxes(-1, -2) @ q, dv
 
 
-sigmoid_attend = manual_vjp(sigmoid_attend_fwd, sigmoid_attend_bwd)
+sigmoid_attend = manual_vjp(sigmoid_attend_fwd, sigmoid_attend_bwd, shapes=HEAD_SHAPES)
 
 
 def sigmoid_attend_ref(q, k, v, *, causal=True):
@@ -149,7 +153,7 @@ def rope_bwd(shape_carrier, dy):
     return (_rotate(dy, cos, -sin),)             # rot^T = rotation by -θ
 
 
-rope = manual_vjp(rope_fwd, rope_bwd)
+rope = manual_vjp(rope_fwd, rope_bwd, shapes=dict(x="... T D"))
 
 
 def rope_ref(x):
@@ -172,7 +176,7 @@ def rms_normalise_bwd(eps, residuals, dy):
     return (r * (dy - xhat * (dy * xhat).mean(-1, keepdims=True)),)
 
 
-rms_normalise = manual_vjp(rms_normalise_fwd, rms_normalise_bwd)
+rms_normalise = manual_vjp(rms_normalise_fwd, rms_normalise_bwd, shapes=dict(x="... D"))
 
 
 def rms_normalise_ref(x, *, eps=1e-6):
@@ -268,7 +272,7 @@ def attention_variant_bwd(n_head, kind, causal, residuals, dy):
     return dx, dw_qkv, db_qkv, dw_o, db_o
 
 
-attention_variant = manual_vjp(attention_variant_fwd, attention_variant_bwd)
+attention_variant = manual_vjp(attention_variant_fwd, attention_variant_bwd, shapes=ATTENTION_SHAPES)
 
 
 def attention_variant_ref(x, w_qkv, b_qkv, w_o, b_o, *, n_head, kind, causal=True):

@@ -44,7 +44,9 @@ def cross_attention_bwd(n_head, residuals, dy):
     return dx, dctx, dw_q, db_q, dw_kv, db_kv, dw_o, db_o
 
 
-cross_attention = manual_vjp(cross_attention_fwd, cross_attention_bwd)
+cross_attention = manual_vjp(cross_attention_fwd, cross_attention_bwd, shapes=dict(
+    x="B Tq C", ctx="B Tk C", w_q="C C", b_q="optional C", w_kv="C 2*C", b_kv="optional 2*C",
+    w_o="C C", b_o="optional C"))
 
 
 def cross_attention_ref(x, ctx, w_q, b_q, w_kv, b_kv, w_o, b_o, *, n_head):

@@ -31,7 +31,7 @@ def dropout_bwd(rate, keep_scaled, dy):
     return (dy if keep_scaled is None else dy * keep_scaled), None
 
 
-dropout = manual_vjp(dropout_fwd, dropout_bwd)
+dropout = manual_vjp(dropout_fwd, dropout_bwd, shapes=dict(x="... C"))
 
 
 def dropout_ref(x, key, *, rate):

@@ -21,6 +21,8 @@ def embedding_fwd(ids, wte, wpe):
     dtypes to the backward: O(B*T) integers, no activations.
     """
     T = ids.shape[-1]
+    if T > wpe.shape[0]:
+        raise ValueError(f"embedding(): ids have length T={T}, beyond the {wpe.shape[0]} positions of wpe")
     x = wte[ids] + wpe[:T]                                    # (B, T, C)
     table_shapes = (wte[:, :0], wpe[:, :0])                  # (V, 0), (T_max, 0): zero bytes
     return x, (ids, table_shapes)
@@ -41,7 +43,7 @@ def embedding_bwd(residuals, dx):
     return None, dwte, dwpe
 
 
-embedding = manual_vjp(embedding_fwd, embedding_bwd)
+embedding = manual_vjp(embedding_fwd, embedding_bwd, shapes=dict(ids="int ... T", wte="V C", wpe="T_max C"))
 
 
 def embedding_ref(ids, wte, wpe):

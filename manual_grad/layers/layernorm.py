@@ -62,7 +62,7 @@ def layernorm_bwd(eps, recompute, residuals, dy):
     return dx.astype(dy.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
-layernorm = manual_vjp(layernorm_fwd, layernorm_bwd)
+layernorm = manual_vjp(layernorm_fwd, layernorm_bwd, shapes=dict(x="... C", scale="C", bias="C"))
 
 
 def layernorm_ref(x, scale, bias, *, eps, recompute=False):

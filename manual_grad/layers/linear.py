@@ -38,7 +38,7 @@ def linear_bwd(residuals, dy):
     return dx, dw, db
 
 
-linear = manual_vjp(linear_fwd, linear_bwd)
+linear = manual_vjp(linear_fwd, linear_bwd, shapes=dict(x="... C_in", w="C_in C_out", b="optional C_out"))
 
 
 def linear_ref(x, w, b):

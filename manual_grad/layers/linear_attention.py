@@ -88,7 +88,8 @@ def linear_attend_bwd(causal, normalise, residuals, dout):
     return dQ * elu_plus_one_grad(q), dK * elu_plus_one_grad(k), dv
 
 
-linear_attend = manual_vjp(linear_attend_fwd, linear_attend_bwd)
+linear_attend = manual_vjp(linear_attend_fwd, linear_attend_bwd,
+                           shapes=dict(q="... T D", k="... T D", v="... T Dv"))
 
 
 def linear_attend_ref(q, k, v, *, causal=True, normalise=True):

@@ -99,7 +99,8 @@ def lora_linear_bwd(scale, residuals, dy):
     return dx, dw, dbias, dadapters["w"]["a"], dadapters["w"]["b"]
 
 
-lora_linear = manual_vjp(lora_linear_fwd, lora_linear_bwd)
+lora_linear = manual_vjp(lora_linear_fwd, lora_linear_bwd, shapes=dict(
+    x="... C_in", w="C_in C_out", bias="optional C_out", lora_a="C_in r", lora_b="r C_out"))
 
 
 def lora_linear_ref(x, w, bias, lora_a, lora_b, *, scale):

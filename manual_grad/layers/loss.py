@@ -53,7 +53,12 @@ def logits_bwd(tied, lora_scale, residuals, dz):
     return dx, _out_weight(dw, tied), db, dadapters
 
 
-logits = manual_vjp(logits_fwd, logits_bwd)
+def _head_shapes(tied, x="... C", **extra):
+    """Input specs of the head: W_out is the (V, C) embedding when tied, a (C, V) matrix if not."""
+    return dict(x=x, w="V C" if tied else "C V", b="optional V", **extra)
+
+
+logits = manual_vjp(logits_fwd, logits_bwd, shapes=lambda tied, **_: _head_shapes(tied))
 
 
 def logits_ref(x, w, b, adapters, *, tied, lora_scale=1.0):
@@ -110,17 +115,28 @@ def _chunk_positions(targets, chunk):
     return -(-T // n_chunks)
 
 
+def _one_pass(targets, chunk):
+    """True when the logits are kept, not recomputed: ``chunk=None``, or one chunk would hold
+    the whole batch. The backward needs a (B, T, V) Δ_z then anyway, and the loss's forward
+    is the last op before its backward, so keeping z adds nothing to the peak and spares the
+    GEMM that would recompute it. (XLA:CPU already merges that recomputation with the
+    forward's product when the scan has one step, 3 GEMMs either way; this makes it hold
+    whatever the compiler does.)"""
+    return chunk is None or _chunk_positions(targets, chunk) >= targets.shape[1]
+
+
 def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=None):
     """Mean cross-entropy of ``z = x W_out + b`` against ``targets`` (-100 = ignored).
 
     ``chunk=None`` (the paper's backward) saves x (B, T, C), the parameters and the logits
     (B, T, V). ``chunk=c`` saves only the per-token log-sum-exp (B, T): both passes then run
     over about c tokens at a time (all of the batch, c / B positions), so no (B, T, V) array
-    of logits or of their gradient ever exists.
+    of logits or of their gradient ever exists. When one chunk would hold every token, the
+    logits are kept as with ``chunk=None`` (see :func:`_one_pass`).
     """
     _check_adapters(adapters)
     n = _counted(targets)[1]
-    if chunk is None:
+    if _one_pass(targets, chunk):
         z, (_, _, _, _, xa) = logits_fwd(x, w, b, adapters, tied=tied, lora_scale=lora_scale)
         lse, nll = _token_nll(z, targets)
         return nll.sum() / n, (x, w, b, targets, adapters, xa, (z, lse))
@@ -141,7 +157,7 @@ def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=N
 def logits_loss_bwd(tied, lora_scale, chunk, residuals, dloss):
     x, w, b, targets, adapters, xa, softmax_state = residuals
     scale = dloss / _counted(targets)[1]
-    if chunk is None:
+    if _one_pass(targets, chunk):
         z, lse = softmax_state
         dz = _dlogits(z, lse, targets, scale)                                        # Δ_z: (B, T, V)
         dx, dw, db, dadapters = logits_bwd(tied, lora_scale, (x, w, b, adapters, xa), dz)
@@ -164,7 +180,8 @@ def logits_loss_bwd(tied, lora_scale, chunk, residuals, dloss):
     return _unchunk(dx, x.shape[1]), _out_weight(dw, tied), db, None, dadapters
 
 
-logits_loss = manual_vjp(logits_loss_fwd, logits_loss_bwd)
+logits_loss = manual_vjp(logits_loss_fwd, logits_loss_bwd,
+                         shapes=lambda tied, **_: _head_shapes(tied, "B T C", targets="int B T"))
 
 
 def logits_loss_ref(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=None):

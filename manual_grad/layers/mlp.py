@@ -45,7 +45,7 @@ def gelu_bwd(x, dy):
     return (dy * gelu_grad(x),)
 
 
-gelu = manual_vjp(gelu_fwd, gelu_bwd)
+gelu = manual_vjp(gelu_fwd, gelu_bwd, shapes=dict(x="..."))
 
 
 # --- ReLU ------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def relu_bwd(x, dy):
     return (dy * relu_grad(x),)
 
 
-relu = manual_vjp(relu_fwd, relu_bwd)
+relu = manual_vjp(relu_fwd, relu_bwd, shapes=dict(x="..."))
 
 # activation name -> (g, g')
 ACTIVATIONS = {"gelu": (gelu_ref, gelu_grad), "relu": (relu_ref, relu_grad)}
@@ -103,7 +103,8 @@ def mlp_bwd(activation, lora_scale, residuals, dy):
     return dx, dw_fc, db_fc, dw_proj, db_proj, {**dfc_adapters, **dproj_adapters}
 
 
-mlp = manual_vjp(mlp_fwd, mlp_bwd)
+mlp = manual_vjp(mlp_fwd, mlp_bwd, shapes=dict(
+    x="... C", w_fc="C F", b_fc="optional F", w_proj="F C", b_proj="optional C"))
 
 
 def mlp_ref(x, w_fc, b_fc, w_proj, b_proj, adapters, *, activation, lora_scale=1.0):
