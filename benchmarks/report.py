@@ -286,13 +286,16 @@ def write_doc(results_paths: list[str], doc_path: str) -> None:
     for path in results_paths:
         with open(path) as f:
             loaded.append((path, json.load(f)))
-    loaded.sort(key=lambda item: (item[1]["device"]["platform"] != "cpu", item[0]))
+    # CPU before GPU, each device's default run before its variants (--set ...)
+    loaded.sort(key=lambda item: (item[1]["device"]["platform"] != "cpu", bool(item[1]["plan"]["overrides"]),
+                                  item[0]))
     lines = [INTRO]
     for path, results in loaded:
         d = results["device"]
         name = (f"CPU: {d['cpu']['model']}, {d['cpu']['cores']} cores" if d["platform"] == "cpu"
                 else f"GPU: {d['device_kind']}")
-        lines += [f"## {name} ({results['plan']['dtype']})", ""]
+        variant = ", ".join([results["plan"]["dtype"]] + [f"{k}={v}" for k, v in results["plan"]["overrides"].items()])
+        lines += [f"## {name} ({variant})", ""]
         lines += markdown_tables(results)
         rel = os.path.relpath(os.path.dirname(path), os.path.dirname(os.path.abspath(doc_path)))
         for png in ("steps.png", "layers.png"):
