@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_inputs"]
+__all__ = ["check_inputs", "parse_spec"]
 
 _DIM = re.compile(r"^(?:(\d+)\*)?([A-Za-z_]\w*)$")
 
@@ -32,12 +32,17 @@ def _dtype_of(x) -> np.dtype | None:
     return None if dtype is None else np.dtype(dtype)
 
 
-def _check_one(op: str, name: str, x: Any, spec: str, sizes: dict[str, int], source: dict[str, str]) -> None:
+def parse_spec(spec: str) -> tuple[bool, bool, list[str]]:
+    """``"optional int ... T"`` -> (optional, integer, dims): ``(True, True, ["...", "T"])``."""
     words = spec.split()
     optional = words[:1] == ["optional"]
     words = words[optional:]
     integer = words[:1] == ["int"]
-    dims = words[integer:]
+    return optional, integer, words[integer:]
+
+
+def _check_one(op: str, name: str, x: Any, spec: str, sizes: dict[str, int], source: dict[str, str]) -> None:
+    optional, integer, dims = parse_spec(spec)
     if x is None:
         if optional:
             return
@@ -59,7 +64,7 @@ def _check_one(op: str, name: str, x: Any, spec: str, sizes: dict[str, int], sou
     trailing = shape[len(shape) - len(dims):] if dims else ()
     for dim, size in zip(dims, trailing):
         if dim.isdigit():
-            expected = int(dim)
+            expected, bound = int(dim), ""
         else:
             factor, symbol = _DIM.match(dim).groups()
             factor = int(factor or 1)
@@ -68,19 +73,17 @@ def _check_one(op: str, name: str, x: Any, spec: str, sizes: dict[str, int], sou
                     raise ValueError(f"{op}(): {name} has shape {tuple(shape)}; its {dim} axis must "
                                      f"be a multiple of {factor}, got {size}")
                 sizes[symbol], source[symbol] = size // factor, name
-            expected = factor * sizes[symbol]
+            expected, bound = factor * sizes[symbol], f" with {symbol}={sizes[symbol]} from {source[symbol]}"
         if size != expected:
-            bound = ", ".join(f"{s}={sizes[s]} from {source[s]}" for s in sorted(sizes) if s in dim.split("*")[-1:])
-            raise ValueError(f"{op}(): {name} must have shape {pattern}"
-                             f"{' with ' + bound if bound else ''}; got {tuple(shape)} "
+            raise ValueError(f"{op}(): {name} must have shape {pattern}{bound}; got {tuple(shape)} "
                              f"({dim} should be {expected}, is {size})")
 
 
-def check_inputs(op: str, specs: Mapping[str, str], inputs: Mapping[str, Any]) -> dict[str, int]:
-    """Checks ``inputs[name]`` against ``specs[name]`` in the order of ``specs``; returns the
-    bound sizes. Inputs without a spec (pytrees of adapters, PRNG keys) are not checked here."""
+def check_inputs(op: str, specs: Mapping[str, str], inputs: Mapping[str, Any]) -> None:
+    """Checks ``inputs[name]`` against ``specs[name]`` in the order of ``specs``, sizes bound by
+    one input holding for the next. Inputs without a spec (pytrees of adapters, PRNG keys) are
+    not checked here."""
     sizes: dict[str, int] = {}
     source: dict[str, str] = {}
     for name, spec in specs.items():
         _check_one(op, name, inputs[name], spec, sizes, source)
-    return sizes

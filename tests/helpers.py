@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from manual_grad import loss_fn
+
 # Relative tolerance per dtype for manual-vs-autodiff gradients (DESIGN.md).
 GRAD_RTOL = {"float64": 1e-12, "float32": 1e-5}
 # Below this fraction of the largest cotangent's norm, an array is rounding noise (see below).
@@ -108,6 +110,13 @@ def assert_trees_close(tree, tree_ref, dtype: str, *, rtol=None, floor=None):
         diff = norm(np.asarray(g, np.float64) - np.asarray(g_ref, np.float64))
         assert diff <= rtol * norm(g_ref) + noise, (
             f"{name}: |diff| {diff:.3g} > {rtol:g} * |ref| {norm(g_ref):.3g} + floor {noise:.3g}")
+
+
+def both_backends(cfg, params, inputs, targets):
+    """``((loss, grads) manual, (loss, grads) autodiff)``: ``jit(value_and_grad(loss_fn))`` of
+    the same batch with the hand-written VJPs and with autodiff of the twins."""
+    step = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(3, 4))
+    return tuple(step(params, inputs, targets, cfg, backend) for backend in ("manual", "autodiff"))
 
 
 def check_finite_differences(op, args, settings=None, *, eps=1e-6, rtol=1e-5):

@@ -17,7 +17,7 @@ from manual_grad.layers.attention import attention, attention_ref
 from manual_grad.layers.layernorm import layernorm, layernorm_ref
 from manual_grad.layers.loss import IGNORE_INDEX, logits_loss, logits_loss_ref
 from manual_grad.layers.mlp import mlp, mlp_ref
-from tests.helpers import assert_trees_close, assert_vjp_matches, normal, random_tree
+from tests.helpers import assert_trees_close, assert_vjp_matches, both_backends, normal, random_tree
 
 COMPILING = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
@@ -114,9 +114,7 @@ def model_cases(draw):
 def check_model(case):
     cfg, params, inputs, targets = case
     tol = 1e-4 if cfg.dtype == "float32" else 1e-9
-    (loss, grads), (loss_ref, grads_ref) = (
-        jax.jit(jax.value_and_grad(loss_fn), static_argnums=(3, 4))(params, inputs, targets, cfg, backend)
-        for backend in ("manual", "autodiff"))
+    (loss, grads), (loss_ref, grads_ref) = both_backends(cfg, params, inputs, targets)
     assert np.isfinite(float(loss)) and abs(float(loss) - float(loss_ref)) <= tol * max(float(loss_ref), 1.0)
     assert_trees_close(grads, grads_ref, cfg.dtype, rtol=tol)
 

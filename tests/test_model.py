@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from manual_grad import GPTConfig, LoRAConfig, count_params, forward, init_params, loss_fn
 from manual_grad.model import IGNORE_INDEX, merge_lora
-from tests.helpers import GRAD_RTOL, assert_trees_close, normal, pairwise_grid, random_tree, rel_err
+from tests.helpers import GRAD_RTOL, assert_trees_close, both_backends, normal, pairwise_grid, random_tree, rel_err
 
 ALL_TARGETS = ("q", "k", "v", "o", "fc", "proj", "logits")
 
@@ -33,11 +33,7 @@ def tokens(cfg, B, T, seed=0, ignore=0.0):
 def assert_grads_match(cfg, B, T, seed=0, ignore=0.0):
     params = random_model(cfg, seed)
     inputs, targets = tokens(cfg, B, T, seed, ignore)
-    results = {}
-    for backend in ("manual", "autodiff"):
-        step = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(3, 4))
-        results[backend] = step(params, inputs, targets, cfg, backend)
-    (loss, grads), (loss_ref, grads_ref) = results["manual"], results["autodiff"]
+    (loss, grads), (loss_ref, grads_ref) = both_backends(cfg, params, inputs, targets)
     assert rel_err(loss, loss_ref) <= GRAD_RTOL[cfg.dtype]
     assert_trees_close(grads, grads_ref, cfg.dtype)
     return grads
@@ -121,8 +117,7 @@ def test_model_gradients_property(data):
         inputs, targets = tokens(cfg, B, T)
         if one_target:
             targets = jnp.full_like(targets, IGNORE_INDEX).at[B - 1, T - 1].set(targets[B - 1, T - 1])
-        grad = jax.jit(jax.grad(loss_fn), static_argnums=(3, 4))
-        g, g_ref = (grad(params, inputs, targets, cfg, backend) for backend in ("manual", "autodiff"))
+        (_, g), (_, g_ref) = both_backends(cfg, params, inputs, targets)
         assert_trees_close(g, g_ref, "float64")
 
 

@@ -20,6 +20,7 @@ from manual_grad.layers.linear_attention import linear_attend
 from manual_grad.layers.lora import lora_linear
 from manual_grad.layers.loss import logits, logits_loss
 from manual_grad.layers.mlp import gelu, mlp, relu
+from manual_grad.shapes import parse_spec
 
 B, T, C, H, F, V, R, T_MAX = 2, 3, 4, 2, 8, 5, 2, 6
 
@@ -70,16 +71,15 @@ def specs_of(op, settings):
 
 def bad_inputs(op, inputs, settings):
     """(argument, bad value, exception) for each way the specs say an input can be wrong."""
-    specs = specs_of(op, settings)
-    dims = {name: spec.replace("optional", "").replace("int", "").split()
-            for name, spec in specs.items() if inputs[name] is not None}
+    parsed = {name: parse_spec(spec) for name, spec in specs_of(op, settings).items()
+              if inputs[name] is not None}    # an absent optional bias: nothing to corrupt
+    dims = {name: d for name, (_, _, d) in parsed.items()}
     pinned = lambda dim: dim.isdigit() or sum(d.split("*")[-1] == dim.split("*")[-1]
                                               for ds in dims.values() for d in ds) > 1
-    for name in dims:                       # an absent optional bias: nothing to corrupt
-        spec, x = specs[name], inputs[name]
-        integer = "int" in spec.split()
+    for name, (optional, integer, _) in parsed.items():
+        x = inputs[name]
         yield name, x.astype(jnp.float32 if integer else jnp.int32), TypeError
-        if not spec.startswith("optional"):
+        if not optional:
             yield name, None, TypeError
         if "..." not in dims[name]:
             yield name, x[None], ValueError

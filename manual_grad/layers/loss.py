@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from manual_grad.layers.attention import tile_size
 from manual_grad.layers.lora import lora_project_bwd, lora_project_fwd, lora_project_ref
 from manual_grad.vjp import manual_vjp
 
@@ -109,10 +110,10 @@ def _unchunk(a, T):
 
 def _chunk_positions(targets, chunk):
     """Positions per chunk so that a chunk holds at most about ``chunk`` tokens of the whole
-    batch, balanced so that the last chunk is padded by as few positions as possible."""
+    batch, balanced like attention's tiles so that the last chunk is padded by as few
+    positions as possible."""
     B, T = targets.shape
-    n_chunks = -(-T // max(1, min(chunk // B, T)))
-    return -(-T // n_chunks)
+    return tile_size(T, max(1, chunk // B))
 
 
 def _one_pass(targets, chunk):
