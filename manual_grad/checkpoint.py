@@ -28,9 +28,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+
+from manual_grad.parallel import gather_to_host, shard_state
 
 __all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "verify_checkpoint",
-           "flatten_tree", "unflatten_dict", "restore_like"]
+           "flatten_tree", "unflatten_dict", "restore_like", "save_state", "load_state"]
 
 MAGIC = b"MANUALGRAD-CKPT 1\n"
 META = "__meta__"
@@ -195,6 +198,17 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint has no {name!r}")
         return self._arrays[name]
 
+    def restore(self, tree: str, like, shardings=None):
+        """The stored ``tree`` in the structure of ``like`` (arrays or ``jax.ShapeDtypeStruct`` s,
+        e.g. ``jax.eval_shape`` of the init), each array placed on ``shardings`` (a matching
+        pytree, e.g. :func:`manual_grad.parallel.state_shardings` on any mesh; default: the
+        default device). CheckpointError names the array whose path or shape differs."""
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):   # host memory, not device 0
+            restored = restore_like(like, self.flat(tree), what=tree)
+        if shardings is None:
+            return jax.device_put(restored, jax.local_devices()[0])
+        return shard_state(restored, shardings)
+
 
 def load_checkpoint(path) -> Checkpoint:
     """Reads and verifies ``path``; CheckpointError if it is missing, damaged or not ours."""
@@ -208,3 +222,25 @@ def load_checkpoint(path) -> Checkpoint:
     for name, dtype_name in meta.get("_dtypes", {}).items():
         arrays[name] = arrays[name].view(jnp.dtype(dtype_name))
     return Checkpoint(meta, arrays, digest)
+
+
+# --- train state on any mesh ---------------------------------------------------------------------
+
+def save_state(path, meta: dict | None = None, **trees) -> None:
+    """Writes ``trees`` (name -> pytree, sharded or not) as whole arrays with ``meta``, so
+    :func:`load_state` / :meth:`Checkpoint.restore` can place them on any mesh.
+
+    Every process must call it (the arrays are gathered collectively); process 0 alone writes,
+    atomically (temporary file, fsync, ``os.replace``); the others wait until it is written.
+    """
+    host = {name: gather_to_host(tree) for name, tree in trees.items()}
+    if jax.process_index() == 0:
+        save_checkpoint(path, dict(meta or {}), **host)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"manual_grad.checkpoint.save_state:{os.fspath(path)}")
+
+
+def load_state(path, like, shardings=None, *, tree: str = "state"):
+    """``load_checkpoint(path).restore(tree, like, shardings)``: a :func:`save_state` tree back
+    on any mesh. Every process reads the file (a shared file system, or a copy per host)."""
+    return load_checkpoint(path).restore(tree, like, shardings)

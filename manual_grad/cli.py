@@ -1,23 +1,38 @@
 """The command line: ``python -m manual_grad {train,sample,finetune}`` (console script ``manual-grad``).
 
-Flags follow nanoGPT's config names with dashes (``--n-layer``, ``--block-size``, ...). Bad
-input ends with a one-line ``manual-grad: error: ...`` on stderr and exit status 2, never a
-traceback; an existing checkpoint that cannot be read is never overwritten.
+The flags of ``train`` and ``finetune`` are generated from the fields of
+:class:`~manual_grad.training.config.TrainConfig`, its :class:`OptimizerConfig` and
+:class:`~manual_grad.config.LoRAConfig` (``--lora-rank`` ...), with nanoGPT's names in dashes
+(``--batch-size``, ``--max-iters``); nanoGPT's model flags (``--n-layer``, ``--block-size`` ...)
+and ``--set FIELD=VALUE`` (repeatable) reach any :class:`~manual_grad.config.GPTConfig` field,
+e.g. ``--set backward=paper --set attn_block_size=256``. Bad input ends with a one-line
+``manual-grad: error: ...`` on stderr and exit status 2, never a traceback; an existing
+checkpoint that cannot be read is never overwritten.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import types
+import typing
 from pathlib import Path
 
-from manual_grad.config import LORA_TARGETS
-from manual_grad.data import TOKENIZERS
-from manual_grad.layers.lora import SCALE_CONVENTIONS
-from manual_grad.model import BACKENDS
+from manual_grad.config import ACTIVATIONS, BACKWARDS, DTYPES, LORA_TARGETS, SCALE_CONVENTIONS, GPTConfig, LoRAConfig, check_int
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "parse_set"]
 
 PROG = "manual-grad"
+# nanoGPT's model flags: GPTConfig fields with a flag of their own (any field: --set).
+MODEL_FLAGS = {"n_layer": ("transformer blocks", "L"), "n_head": ("attention heads", "H"),
+               "n_embd": ("embedding width", "C"), "block_size": ("context length", "T"),
+               "dropout": ("dropout rate in training", "P"),
+               "dtype": ("compute dtype (bfloat16/float16: mixed precision, float32 parameters)", None)}
+MODEL_CHOICES = {"dtype": DTYPES, "activation": ACTIVATIONS, "backward": BACKWARDS}
+LORA_FLAGS = {"rank": ("adapter rank", "R"), "alpha": ("adapter alpha", "A"),
+              "targets": (f"comma-separated layers to adapt, from {','.join(LORA_TARGETS)}", "LIST"),
+              "convention": ("scale s = alpha/rank (PEFT) or alpha (the paper's)", None)}
+LORA_CHOICES = {"convention": SCALE_CONVENTIONS}
 
 
 class UsageError(Exception):
@@ -31,24 +46,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+            check_int("value", value, minimum)
+        except ValueError:
+            expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        return value
+    parse.__name__ = "int"
+    return parse
 
 
 def _targets(text: str) -> tuple[str, ...]:
@@ -60,73 +68,101 @@ def _targets(text: str) -> tuple[str, ...]:
     return names
 
 
-def _defaults() -> dict:
-    from manual_grad.train import TrainConfig          # imports jax: only when a parser is built
-    return TrainConfig().to_dict()
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _add(p, flag: str, help: str = "", **kwargs) -> None:
-    """``p.add_argument(flag)`` whose help names the TrainConfig default (the flag's value is
-    None unless given, so --resume can tell given flags from defaults)."""
-    default = _defaults().get(flag.lstrip("-").replace("-", "_"))
-    if default is not None and kwargs.get("action") != "store_true" and "(default" not in help:
-        shown = ",".join(default) if isinstance(default, (tuple, list)) else default
-        help = f"{help} (default {shown!r})" if isinstance(shown, str) else f"{help} (default {shown})"
-    p.add_argument(flag, help=help.strip(), **kwargs)
+def _parser_of(annotation, minimum: int | None = None):
+    """The argparse ``type`` of a field's annotation (``X | None`` reads as X; ``None`` for booleans)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is bool:
+        return None
+    if annotation is int:
+        return _int_at_least(1 if minimum is None else minimum)
+    if typing.get_origin(annotation) is tuple:
+        return _targets
+    return annotation if annotation in (float, str) else str
 
 
-def _add_data_flags(p, *, finetune: bool) -> None:
-    _add(p, "--data", "UTF-8 text file to train on" + (
-        "" if finetune else "; without it, the Python standard library's own sources"), metavar="FILE")
-    _add(p, "--max-chars", "cap on the embedded stdlib corpus, in characters", type=_positive_int, metavar="N")
-    _add(p, "--val-fraction", "held-out share of the text", type=float, metavar="F")
+def parse_set(text: str) -> tuple[str, object]:
+    """``"FIELD=VALUE"`` -> ``(field, value)`` for a GPTConfig field, VALUE read by its type
+    (``none`` is None where the field allows it)."""
+    name, sep, value = text.partition("=")
+    name = name.strip()
+    hints = typing.get_type_hints(GPTConfig)
+    if not sep or name not in hints or name in ("vocab_size", "lora"):
+        settable = sorted(set(hints) - {"vocab_size", "lora"})
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with FIELD one of {','.join(settable)}, got {text!r}")
+    annotation = hints[name]
+    if value.strip().lower() == "none" and type(None) in typing.get_args(annotation):
+        return name, None
+    parse = _parser_of(annotation, minimum=-sys.maxsize) or _bool
+    try:
+        return name, parse(value.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}: expected {annotation}, got {value!r}") from None
 
 
-def _add_train_flags(p) -> None:
-    _add(p, "--out-dir", "run folder: checkpoint, metrics.json/csv, loss.png", metavar="DIR")
-    _add(p, "--backend", "manual: hand-written VJPs; autodiff: jax.grad of the plain-jnp twins",
-         choices=sorted(BACKENDS))
-    _add(p, "--batch-size", type=_positive_int, metavar="B")
-    _add(p, "--block-size", "context length" + (" (default: the base model's)" if p.prog.endswith("finetune")
-                                                 else ""), type=_positive_int, metavar="T")
-    _add(p, "--max-iters", "optimizer steps", type=_count, metavar="N")
-    _add(p, "--learning-rate", "peak learning rate", type=float, metavar="LR")
-    _add(p, "--min-lr", "learning rate at the end of the cosine decay", type=float, metavar="LR")
-    _add(p, "--warmup-iters", "linear warmup steps", type=_count, metavar="N")
-    _add(p, "--lr-decay-iters", "cosine decay length (default: max-iters)", type=_positive_int, metavar="N")
-    _add(p, "--weight-decay", "AdamW decay of the weight matrices", type=float, metavar="W")
-    _add(p, "--beta1", type=float, metavar="B1")
-    _add(p, "--beta2", type=float, metavar="B2")
-    _add(p, "--grad-clip", "global-norm clipping; 0 turns it off", type=float, metavar="G")
-    _add(p, "--mesh", "device mesh: data=N (data parallel), data=-1 (all devices), data=N,model=M "
-         "(tensor parallel); default one device", metavar="SPEC")
-    _add(p, "--shard", "state on the mesh: replicated (data parallel) or fsdp (parameters and "
-         "optimizer state split over the data axis)", choices=("replicated", "fsdp"))
+def _help(text: str, default) -> str:
+    if default is None or isinstance(default, bool) or "(default" in text:
+        return text
+    shown = ",".join(default) if isinstance(default, (tuple, list)) else default
+    return f"{text} (default {shown!r})".strip() if isinstance(shown, str) else f"{text} (default {shown})".strip()
+
+
+def _add_field(p, dest: str, flag: str, annotation, default, help: str, metavar=None, choices=None, minimum=None):
+    """One flag for one dataclass field; its value is None unless given (so --resume can tell)."""
+    parse = _parser_of(annotation, minimum)
+    if parse is None:
+        p.add_argument(flag, dest=dest, action="store_true", default=None, help=help)
+        return
+    p.add_argument(flag, dest=dest, type=parse, choices=choices, metavar=metavar, help=_help(help, default))
+
+
+def _add_config_flags(p, command: str) -> None:
+    """The flags of ``train``/``finetune``: every TrainConfig field of this command, its
+    OptimizerConfig and (finetune) LoRAConfig, nanoGPT's model flags and ``--set``."""
+    from manual_grad.training.config import TRAIN_MODEL, TrainConfig   # imports jax: only when needed
+    hints, defaults = typing.get_type_hints(TrainConfig), TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if command not in meta["commands"] or f.name in ("model", "optim", "lora"):
+            continue
+        if command == "finetune" and f.name in ("init_from", "from_hf"):
+            continue                                   # an exclusive, required pair: see build_parser
+        _add_field(p, f.name, "--" + f.name.replace("_", "-"), hints[f.name], getattr(defaults, f.name),
+                   meta["help"], meta["metavar"], meta["choices"], meta["minimum"])
+    optim_hints = typing.get_type_hints(type(defaults.optim))
+    for f in dataclasses.fields(defaults.optim):
+        _add_field(p, f"optim.{f.name}", "--" + f.name.replace("_", "-"), optim_hints[f.name],
+                   getattr(defaults.optim, f.name), f.metadata["help"], f.metadata["metavar"], minimum=f.metadata["minimum"])
+    model_hints, model_defaults = typing.get_type_hints(GPTConfig), {**GPTConfig().to_dict(), **TRAIN_MODEL}
+    for name, (text, metavar) in MODEL_FLAGS.items():
+        if command == "finetune" and name not in ("block_size", "dropout", "dtype"):
+            continue
+        default = "the base model's" if command == "finetune" else model_defaults[name]
+        _add_field(p, f"model.{name}", "--" + name.replace("_", "-"), model_hints[name], None,
+                   _help(text, default) if command == "train" else f"{text} (default: {default})",
+                   metavar, MODEL_CHOICES.get(name))
+    p.add_argument("--set", dest="set", type=parse_set, action="append", default=[], metavar="FIELD=VALUE",
+                   help="any GPTConfig field, e.g. --set backward=paper --set attn_block_size=256 (repeatable)")
+    if command == "finetune":
+        lora_hints, lora_defaults = typing.get_type_hints(LoRAConfig), LoRAConfig()
+        for f in dataclasses.fields(LoRAConfig):
+            text, metavar = LORA_FLAGS.get(f.name, ("", None))
+            _add_field(p, f"lora.{f.name}", f"--lora-{f.name}", lora_hints[f.name], getattr(lora_defaults, f.name),
+                       text, metavar, LORA_CHOICES.get(f.name))
     p.add_argument("--coordinator-address", metavar="HOST:PORT",
                    help="multi-host: address of process 0 (env JAX_COORDINATOR_ADDRESS)")
-    p.add_argument("--num-processes", type=_positive_int, metavar="N",
+    p.add_argument("--num-processes", type=_int_at_least(1), metavar="N",
                    help="multi-host: processes, one per host (env JAX_NUM_PROCESSES)")
-    p.add_argument("--process-id", type=_count, metavar="I",
+    p.add_argument("--process-id", type=_int_at_least(0), metavar="I",
                    help="multi-host: this process's rank (env JAX_PROCESS_ID)")
-    _add(p, "--dropout", "dropout rate in training", type=float, metavar="P")
-    _add(p, "--dtype", "compute dtype (bfloat16/float16: mixed precision, float32 parameters)",
-         choices=("float32", "bfloat16", "float16"))
-    _add(p, "--eval-interval", "steps between evaluations", type=_positive_int, metavar="N")
-    _add(p, "--eval-iters", "batches per evaluation and split", type=_positive_int, metavar="N")
-    _add(p, "--log-interval", "steps between progress updates", type=_positive_int, metavar="N")
-    _add(p, "--seed", "seeds initialisation, batches and dropout", type=_count)
-    _add(p, "--resume", "continue the run saved in --out-dir exactly; flags not given come from it",
-         action="store_true")
-    _add(p, "--sample-tokens", "tokens sampled and printed at the end; 0: none", type=_count, metavar="N")
-
-
-def _add_lora_flags(p) -> None:
-    _add(p, "--lora-rank", "adapter rank", type=_positive_int, metavar="R")
-    _add(p, "--lora-alpha", "adapter alpha", type=float, metavar="A")
-    _add(p, "--lora-targets", f"comma-separated layers to adapt, from {','.join(LORA_TARGETS)}",
-         type=_targets, metavar="LIST")
-    _add(p, "--lora-convention", "scale s = alpha/rank (PEFT) or alpha (the paper's)", choices=SCALE_CONVENTIONS)
-    _add(p, "--merge", "also write the merged model (base + s A B) as OUT_DIR/ckpt.mgc", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,13 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a GPT from scratch (or --resume a run)",
                            description="Train a GPT with hand-written gradients; progress on stderr, "
                                        "checkpoint, metrics.json/csv and loss.png in --out-dir, a sample at the end.")
-    _add_data_flags(train, finetune=False)
-    _add(train, "--tokenizer", "characters, UTF-8 bytes, or GPT-2 BPE (needs --bpe-dir)", choices=TOKENIZERS)
-    _add(train, "--bpe-dir", "folder with GPT-2's vocab.json and merges.txt", metavar="DIR")
-    _add(train, "--n-layer", "transformer blocks", type=_positive_int, metavar="L")
-    _add(train, "--n-head", "attention heads", type=_positive_int, metavar="H")
-    _add(train, "--n-embd", "embedding width", type=_positive_int, metavar="C")
-    _add_train_flags(train)
+    _add_config_flags(train, "train")
 
     sample = sub.add_parser("sample", help="generate text from a trained run (KV-cache decoding)",
                             description="Generate text from the checkpoint in --out-dir (or a GPT-2 folder).")
@@ -150,11 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--out-dir", metavar="DIR", help="run folder to load (default out)")
     source.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT-2 folder (weights, vocab.json, merges.txt)")
     sample.add_argument("--prompt", default="\n", help="text to continue (default a newline)")
-    sample.add_argument("--max-new-tokens", type=_count, default=500, metavar="N")
+    sample.add_argument("--max-new-tokens", type=_int_at_least(0), default=500, metavar="N")
     sample.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    sample.add_argument("--top-k", type=_positive_int, default=200, metavar="K", help="default 200")
-    sample.add_argument("--num-samples", type=_positive_int, default=1, metavar="N")
-    sample.add_argument("--seed", type=_count, default=1337)
+    sample.add_argument("--top-k", type=_int_at_least(1), default=200, metavar="K", help="default 200")
+    sample.add_argument("--num-samples", type=_int_at_least(1), default=1, metavar="N")
+    sample.add_argument("--seed", type=_int_at_least(0), default=1337)
 
     finetune = sub.add_parser("finetune", help="LoRA fine-tune a trained checkpoint on new text",
                               description="Train LoRA adapters on a frozen base (--init-from a run folder, or "
@@ -162,45 +192,59 @@ def build_parser() -> argparse.ArgumentParser:
     base = finetune.add_mutually_exclusive_group(required=True)
     base.add_argument("--init-from", metavar="DIR", help="run folder of the base model")
     base.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT-2 folder")
-    _add_data_flags(finetune, finetune=True)
-    _add_train_flags(finetune)
-    _add_lora_flags(finetune)
+    _add_config_flags(finetune, "finetune")
     return parser
 
 
-FLAG_TO_FIELD = {"out_dir", "data", "max_chars", "val_fraction", "tokenizer", "bpe_dir", "n_layer", "n_head",
-                 "n_embd", "block_size", "dropout", "backend", "batch_size", "max_iters", "learning_rate",
-                 "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip",
-                 "eval_interval", "eval_iters", "log_interval", "seed", "resume", "sample_tokens", "init_from",
-                 "from_hf", "lora_rank", "lora_alpha", "lora_targets", "lora_convention", "merge",
-                 "mesh", "shard", "dtype"}
+_NOT_CONFIG = ("command", "set", "coordinator_address", "num_processes", "process_id")
+
+
+def _given(args) -> dict:
+    """The flags given, as a nested TrainConfig dict (``optim``/``lora``/``model`` parts)."""
+    tree: dict = {"optim": {}, "lora": {}, "model": dict(args.set)}
+    for dest, value in vars(args).items():
+        if value is None or value is False or dest in _NOT_CONFIG:
+            continue
+        part, _, name = dest.rpartition(".")
+        (tree[part] if part else tree)[name] = value
+    return tree
 
 
 def _train_config(args):
     """TrainConfig from the given flags; with --resume, unset flags come from the checkpoint."""
     from manual_grad.checkpoint import load_checkpoint
-    from manual_grad.train import CHECKPOINT, LORA_CHECKPOINT, TrainConfig
+    from manual_grad.loading import CHECKPOINT, LORA_CHECKPOINT
+    from manual_grad.training.config import TrainConfig
 
-    given = {k: v for k, v in vars(args).items() if k in FLAG_TO_FIELD and v is not None and v is not False}
-    fields = {}
+    given = _given(args)
+    fields = {"optim": {}, "lora": {}, "model": {}}
     if getattr(args, "resume", False):
-        finetune = args.command == "finetune"
         out_dir = Path(given.get("out_dir", TrainConfig.out_dir))
-        saved = load_checkpoint(out_dir / (LORA_CHECKPOINT if finetune else CHECKPOINT)).meta.get("train_config", {})
+        name = LORA_CHECKPOINT if args.command == "finetune" else CHECKPOINT
+        saved = load_checkpoint(out_dir / name).meta.get("train_config", {})
         fields = {k: v for k, v in saved.items() if k != "resume"}
-        if "max_iters" in given and "lr_decay_iters" not in given and saved.get("lr_decay_iters") == saved.get("max_iters"):
-            fields.pop("lr_decay_iters", None)     # the decay followed max_iters: let it follow the new one
+        fields = {**fields, **{k: dict(fields.get(k) or {}) for k in ("optim", "lora", "model")}}
+        optim = fields["optim"]
+        if ("max_iters" in given and "lr_decay_iters" not in given["optim"]
+                and optim.get("lr_decay_iters") == saved.get("max_iters")):
+            optim.pop("lr_decay_iters", None)     # the decay followed max_iters: let it follow the new one
+    for part in ("optim", "lora", "model"):
+        fields[part].update(given.pop(part))
     fields.update(given)
-    if args.command == "finetune":
-        fields.setdefault("block_size", None)          # the base model's
+    if args.command != "finetune" or not fields["lora"]:
+        fields["lora"] = None
     return TrainConfig.from_dict(fields)
 
 
 def _run_train(args) -> int:
     from manual_grad import parallel
-    from manual_grad.train import train
+    from manual_grad.training import train
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    train(_train_config(args))
+    tc = _train_config(args)
+    if tc.model.get("dtype") == "float64":
+        import jax
+        jax.config.update("jax_enable_x64", True)
+    train(tc)
     return 0
 
 
@@ -209,7 +253,7 @@ def _run_sample(args) -> int:
     import numpy as np
 
     from manual_grad.generate import generate
-    from manual_grad.train import load_hf, load_model
+    from manual_grad.loading import load_hf, load_model
 
     if args.temperature < 0:
         raise UsageError(f"{PROG} sample: argument --temperature: expected a number >= 0, got {args.temperature}")

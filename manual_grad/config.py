@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from manual_grad.layers.lora import SCALE_CONVENTIONS, lora_scale
-
-__all__ = ["GPTConfig", "LoRAConfig", "LORA_TARGETS", "PRESETS"]
+__all__ = ["GPTConfig", "LoRAConfig", "LORA_TARGETS", "PRESETS", "SCALE_CONVENTIONS", "lora_scale",
+           "check_int"]
 
 # Where LoRA adapters can be attached: attention q, k, v and output projection,
 # MLP expand ("fc") and contract ("proj"), and the logits layer.
@@ -19,6 +18,12 @@ HALF_DTYPES = ("bfloat16", "float16")
 # logits + loss run in token chunks and save the log-sum-exp; LayerNorm saves x, μ, 1/σ.
 # "paper": the paper's formulas verbatim, saving ρ, the logits and x̂.
 BACKWARDS = ("lean", "paper")
+# Where the lean attention core and the logits + loss run: "pallas" (manual_grad.kernels: fused
+# kernels with hand-written backwards; interpreted on CPU), "xla" (the layers' own lean path),
+# "auto" (Pallas on GPU and TPU, XLA on CPU).
+KERNELS = ("xla", "pallas", "auto")
+# LoRA's factor s of s · x A B: alpha / rank (original LoRA paper, PEFT) or alpha (the paper's).
+SCALE_CONVENTIONS = ("alpha/rank", "alpha")
 
 
 def _require(ok: bool, name: str, expected: str, got) -> None:
@@ -26,9 +31,19 @@ def _require(ok: bool, name: str, expected: str, got) -> None:
         raise ValueError(f"{name} must be {expected}, got {got!r}")
 
 
-def _positive_int(name: str, value) -> None:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-             name, "a positive integer", value)
+def check_int(name: str, value, minimum: int = 1) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``."""
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, name,
+             "a positive integer" if minimum == 1 else f"an integer >= {minimum}", value)
+
+
+def lora_scale(alpha: float, rank: int, convention: str = "alpha/rank") -> float:
+    """The factor ``s`` of ``s · x A B``: ``alpha / rank`` (default) or ``alpha`` (the paper's)."""
+    if convention == "alpha/rank":
+        return alpha / rank
+    if convention == "alpha":
+        return float(alpha)
+    raise ValueError(f"convention must be one of {SCALE_CONVENTIONS}, got {convention!r}")
 
 
 @dataclass(frozen=True)
@@ -45,7 +60,7 @@ class LoRAConfig:
     convention: str = "alpha/rank"
 
     def __post_init__(self):
-        _positive_int("lora.rank", self.rank)
+        check_int("lora.rank", self.rank)
         object.__setattr__(self, "targets", tuple(self.targets))
         _require(len(self.targets) > 0 and set(self.targets) <= set(LORA_TARGETS)
                  and len(set(self.targets)) == len(self.targets),
@@ -81,11 +96,12 @@ class GPTConfig:
     backward: str = "lean"        # manual backend: "lean" (flash attention, chunked loss) | "paper"
     attn_block_size: int = 128    # tile size of the lean attention (tokens)
     loss_chunk: int = 1024        # tokens per chunk of the lean logits + cross-entropy
+    kernels: str = "auto"         # "xla" | "pallas" | "auto" (Pallas on GPU/TPU, XLA on CPU)
     lora: LoRAConfig | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
-            _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd must be divisible by n_head, got n_embd={self.n_embd}, "
                              f"n_head={self.n_head}")
@@ -98,8 +114,9 @@ class GPTConfig:
         _require(self.param_dtype is None or self.param_dtype in DTYPES, "param_dtype",
                  f"None or one of {DTYPES}", self.param_dtype)
         _require(self.backward in BACKWARDS, "backward", f"one of {BACKWARDS}", self.backward)
-        _positive_int("attn_block_size", self.attn_block_size)
-        _positive_int("loss_chunk", self.loss_chunk)
+        _require(self.kernels in KERNELS, "kernels", f"one of {KERNELS}", self.kernels)
+        check_int("attn_block_size", self.attn_block_size)
+        check_int("loss_chunk", self.loss_chunk)
         if self.tied_embeddings and self.lm_head_bias:
             raise ValueError("lm_head_bias requires tied_embeddings=False (GPT-2's tied head has no bias)")
         if self.lora is not None:

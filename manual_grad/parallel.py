@@ -1,6 +1,7 @@
-"""Training on many devices and many hosts with JAX's own runtime: a device mesh, sharding
-rules for the train state, a jitted step with input/output shardings, multi-host start-up,
-and checkpoints readable on any mesh shape.
+"""Many devices and many hosts with JAX's own runtime: a device mesh, sharding rules for the
+train state, a jitted step with input/output shardings, multi-host start-up, and whole arrays
+gathered to the host (what :func:`manual_grad.checkpoint.save_state` stores, so a checkpoint
+loads on any mesh shape).
 
 Nothing here is a home-made scheme: the state and the batch are ``jax.Array`` s placed with
 :class:`jax.sharding.NamedSharding` on a :class:`jax.sharding.Mesh`, the step is an ordinary
@@ -21,11 +22,10 @@ A ``model`` axis in the mesh (``"data=4,model=2"``) adds Megatron-style tensor p
 the transformer blocks (see :data:`TENSOR_PARALLEL_RULES`), on top of either mode.
 
 The step can be any function ``(state, batch, key) -> (state, metrics)`` over any state pytree,
-e.g. the one made by ``manual_grad.train.make_train_step``.
+e.g. :func:`manual_grad.training.step.train_step`.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -35,12 +35,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from manual_grad.checkpoint import load_checkpoint, restore_like, save_checkpoint
-
 __all__ = ["DATA_AXIS", "MODEL_AXIS", "MODES", "TENSOR_PARALLEL_RULES", "parse_mesh_spec",
            "make_mesh", "partition_spec", "state_shardings", "batch_sharding", "replicated",
            "shard_state", "shard_batch", "jit_sharded_step", "initialize_distributed",
-           "gather_to_host", "save_state", "load_state", "add_parallel_args", "setup_from_args"]
+           "gather_to_host"]
 
 DATA_AXIS = "data"     # the batch (and, in FSDP mode, the state) is split over this axis
 MODEL_AXIS = "model"   # optional: tensor parallelism of attention heads and MLP
@@ -292,7 +290,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     return True
 
 
-# --- checkpoints readable on any mesh ------------------------------------------------------
+# --- whole arrays on the host ---------------------------------------------------------------
 
 def gather_to_host(tree: Pytree) -> Pytree:
     """Every array of ``tree`` whole, as host numpy, on every process (a collective when
@@ -303,74 +301,3 @@ def gather_to_host(tree: Pytree) -> Pytree:
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(jax.device_get(x))
     return jax.tree.map(gather, tree)
-
-
-def save_state(path: str | os.PathLike, state: Pytree, meta: dict | None = None) -> None:
-    """Writes ``state`` (sharded or not) as a :mod:`manual_grad.checkpoint` file holding one
-    tree, ``"state"``, of whole arrays (and ``meta``), so :func:`load_state` can place it on
-    any mesh.
-
-    Every process must call it (the arrays are gathered collectively); process 0 alone writes,
-    atomically (temporary file, fsync, ``os.replace``); the others wait until it is written.
-    """
-    host = gather_to_host(state)
-    if jax.process_index() == 0:
-        save_checkpoint(path, dict(meta or {}), state=host)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"manual_grad.parallel.save_state:{os.fspath(path)}")
-
-
-def load_state(path: str | os.PathLike, like: Pytree, shardings: Pytree | None = None) -> Pytree:
-    """Reads a :func:`save_state` checkpoint into the structure of ``like`` (arrays or
-    ``jax.ShapeDtypeStruct`` s, e.g. ``jax.eval_shape`` of the init) and places each array on
-    ``shardings`` (a matching pytree of shardings, e.g. :func:`state_shardings` on the new
-    mesh; default: the default device).
-
-    Raises :class:`manual_grad.checkpoint.CheckpointError` (a ValueError) naming the array when
-    the checkpoint is damaged or its arrays or shapes differ from ``like``. Every process reads
-    the file (put it on a shared file system, or copy it to each host).
-    """
-    checkpoint = load_checkpoint(path)
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):   # host memory, not device 0
-        state = restore_like(like, checkpoint.flat("state"), what="state")
-    if shardings is None:
-        return jax.device_put(state, jax.local_devices()[0])
-    return shard_state(state, shardings)
-
-
-# --- command line --------------------------------------------------------------------------
-
-def add_parallel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds ``--mesh``, ``--shard`` and the multi-host flags to a train command's parser."""
-    group = parser.add_argument_group("devices and hosts")
-    group.add_argument("--mesh", default=None, metavar="SPEC",
-                       help="train on a device mesh, e.g. 'data=8', 'data=-1' (all devices) or "
-                            "'data=4,model=2' (tensor parallel); default: one device")
-    group.add_argument("--shard", choices=MODES, default=None,
-                       help="state on the mesh: 'replicated' (data parallel, the default) or "
-                            "'fsdp' (parameters and optimizer state split over the data axis)")
-    group.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
-                       help="multi-host: address of process 0 (env JAX_COORDINATOR_ADDRESS)")
-    group.add_argument("--num-processes", type=int, default=None,
-                       help="multi-host: number of processes, one per host (env JAX_NUM_PROCESSES)")
-    group.add_argument("--process-id", type=int, default=None,
-                       help="multi-host: this process's rank in [0, num_processes) (env JAX_PROCESS_ID)")
-    return parser
-
-
-def setup_from_args(args: argparse.Namespace, step: Callable, state: Pytree, *,
-                    donate: bool = True) -> tuple[Callable, Pytree, Callable, Pytree | None]:
-    """``(step, state, put_batch, shardings)`` for the flags of :func:`add_parallel_args`.
-
-    Without ``--mesh``: the step jitted as is, the state untouched, ``put_batch`` the identity,
-    ``shardings`` None. With it: the step jitted with shardings on the mesh, the state placed
-    on them, ``put_batch`` turning this process's batch into global sharded arrays, and the
-    state shardings (for :func:`load_state` on resume). ``jax.distributed.initialize`` must
-    already have run (:func:`initialize_distributed`, before the state was created).
-    """
-    if getattr(args, "mesh", None) is None:
-        return jax.jit(step, donate_argnums=(0,) if donate else ()), state, (lambda b: b), None
-    mesh = make_mesh(args.mesh)
-    shardings = state_shardings(state, mesh, getattr(args, "shard", None) or "replicated")
-    sharded_step = jit_sharded_step(step, shardings, mesh, donate=donate)
-    return sharded_step, shard_state(state, shardings), (lambda b: shard_batch(b, mesh)), shardings

@@ -149,3 +149,17 @@ def pairwise_cases(**factors) -> list:
     ``@pytest.mark.parametrize("case", pairwise_cases(dtype=[...], n_head=[...]))``."""
     return [pytest.param(case, id="-".join(f"{k}={v}" for k, v in case.items()))
             for case in pairwise_grid(factors)]
+
+
+def train_config(**flat):
+    """A TrainConfig from flat keywords: GPTConfig fields go to ``model``, OptimizerConfig
+    fields to ``optim``, ``lora_<field>`` to a LoRAConfig, the rest stay run-level."""
+    import dataclasses
+
+    from manual_grad import GPTConfig, LoRAConfig
+    from manual_grad.training import OptimizerConfig, TrainConfig
+    names = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (GPTConfig, OptimizerConfig, LoRAConfig)}
+    model = {k: flat.pop(k) for k in list(flat) if k in names[GPTConfig]}
+    optim = {k: flat.pop(k) for k in list(flat) if k in names[OptimizerConfig]}
+    lora = {k[5:]: flat.pop(k) for k in list(flat) if k.startswith("lora_")}
+    return TrainConfig(model=model, optim=OptimizerConfig(**optim), lora=LoRAConfig(**lora) if lora else None, **flat)

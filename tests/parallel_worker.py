@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from manual_grad import GPTConfig, init_params, loss_fn, parallel
+from manual_grad.checkpoint import load_state, save_state
 from tests.helpers import rel_err
 
 # A model whose every large dimension divides by 8 (V=64, T=8, C=32, F=128, 4 heads).
@@ -116,8 +117,8 @@ def cmd_equivalence(args) -> dict:
     for dtype in args.dtypes:
         cfg = GPTConfig(**CONFIG, dtype=dtype, dropout=args.dropout, backward=args.backward)
         if args.optimizer == "train":   # the project's own step: clipping + AdamW + schedule
-            from manual_grad.train import TrainConfig, make_optimizer, make_train_step
-            opt = make_optimizer(TrainConfig())
+            from manual_grad.training import TrainConfig, make_optimizer, make_train_step
+            opt = make_optimizer(TrainConfig().optim)
             step = make_train_step(cfg, opt, args.backend)
         else:
             opt = optimizer(args.optimizer)
@@ -188,7 +189,7 @@ def cmd_save(args) -> dict:
     jitted = parallel.jit_sharded_step(step, shardings, mesh)
     state = parallel.shard_state(init_state(cfg, opt), shardings)
     state, _ = jitted(state, parallel.shard_batch(make_batch(cfg, 1), mesh), jax.random.key(2))
-    parallel.save_state(args.path, state)
+    save_state(args.path, state=state)
     checksum = total(state)
     loss = next_loss(jitted, state, parallel.shard_batch(make_batch(cfg, 3), mesh), jax.random.key(4))
     return {"devices": mesh.size, "next_loss": loss, "checksum": checksum}
@@ -202,12 +203,12 @@ def cmd_resume(args) -> dict:
     like = jax.eval_shape(lambda: init_state(cfg, opt))
     batch, key = make_batch(cfg, 3), jax.random.key(4)
     if args.mesh == "none":
-        state = parallel.load_state(args.path, like)
+        state = load_state(args.path, like)
         jitted, devices = jax.jit(step), 1
     else:
         mesh = parallel.make_mesh(args.mesh)
         shardings = parallel.state_shardings(like, mesh, "fsdp")
-        state = parallel.load_state(args.path, like, shardings)
+        state = load_state(args.path, like, shardings)
         jitted, batch, devices = parallel.jit_sharded_step(step, shardings, mesh), parallel.shard_batch(batch, mesh), mesh.size
     checksum, step_count = total(state), int(state["step"])
     on_devices = len(state["params"]["wte"].sharding.device_set)
@@ -234,7 +235,7 @@ def cmd_multihost(args) -> dict:
     new_state, metrics = jitted(sharded_state, parallel.shard_batch(mine, mesh), key)
     # the same step fed the whole batch on every process
     whole_state, _ = jitted(sharded_state, parallel.shard_batch(batch, mesh, process_local=False), key)
-    parallel.save_state(args.path, new_state)
+    save_state(args.path, state=new_state)
     host = parallel.gather_to_host(new_state)
     update = jax.tree.map(np.subtract, host["params"], jax.device_get(state["params"]))
     ref_update = jax.tree.map(np.subtract, jax.device_get(ref_state["params"]), jax.device_get(state["params"]))
@@ -257,7 +258,7 @@ def main(argv=None):
     p.add_argument("--backend", default="manual")
     p.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw", "train"],
-                   help="train: manual_grad.train.make_train_step with its optimizer")
+                   help="train: manual_grad.training.make_train_step with its optimizer")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--backward", default=GPTConfig.backward, help="manual backend's variant")
     p.add_argument("--layouts", nargs="+", default=["data=8:replicated", "data=8:fsdp"])

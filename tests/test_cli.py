@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from manual_grad import GPTConfig, init_params
+from manual_grad import GPTConfig, LoRAConfig, init_params
 from manual_grad.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from manual_grad.cli import _train_config, build_parser, main
 from manual_grad.data import _bytes_to_unicode
-from manual_grad.train import TrainConfig
+from manual_grad.training import TRAIN_MODEL, OptimizerConfig, TrainConfig
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "4",
         "--eval-iters", "1", "--log-interval", "5", "--sample-tokens", "0"]
@@ -56,10 +56,56 @@ def test_flags_map_to_train_config_zeros_included():
     args = build_parser().parse_args(["train", "--grad-clip", "0", "--weight-decay", "0", "--seed", "0",
                                       "--sample-tokens", "0", "--n-layer", "2", "--lr-decay-iters", "9"])
     tc = _train_config(args)
-    assert (tc.grad_clip, tc.weight_decay, tc.seed, tc.sample_tokens, tc.n_layer, tc.lr_decay_iters) == (0, 0, 0, 0, 2, 9)
-    assert tc.n_head == TrainConfig().n_head                            # not given: the default
+    assert (tc.optim.grad_clip, tc.optim.weight_decay, tc.seed, tc.sample_tokens, tc.optim.lr_decay_iters) == (0, 0, 0, 0, 9)
+    assert tc.model == {"n_layer": 2} and tc.model_config(65).n_head == TRAIN_MODEL["n_head"]   # not given: the default
     finetune = _train_config(build_parser().parse_args(["finetune", "--init-from", "x", "--lora-targets", "q,fc"]))
-    assert finetune.block_size is None and finetune.lora_targets == ("q", "fc")   # None: the base model's
+    assert "block_size" not in finetune.model and finetune.lora.targets == ("q", "fc")   # absent: the base model's
+
+
+def _dests(command):
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    return {a.dest for a in sub._actions}
+
+
+def _leaf_fields(cls, prefix=""):
+    """Every field of the config tree, as the CLI's dest names ('optim.min_lr', 'lora.rank')."""
+    import dataclasses
+    names = set()
+    for f in dataclasses.fields(cls):
+        if f.name == "model":
+            continue                                      # GPTConfig overrides: --set (below)
+        sub = {"optim": OptimizerConfig, "lora": LoRAConfig}.get(f.name)
+        names |= _leaf_fields(sub, f.name + ".") if sub else {prefix + f.name}
+    return names
+
+
+def test_every_config_field_has_a_flag():
+    """A field added to TrainConfig, OptimizerConfig or LoRAConfig without a flag fails here."""
+    assert _leaf_fields(TrainConfig) <= _dests("train") | _dests("finetune")
+    assert {"optim." + n for n in OptimizerConfig.__dataclass_fields__} <= _dests("finetune") & _dests("train")
+    assert "set" in _dests("train") and "set" in _dests("finetune")
+
+
+@pytest.mark.parametrize("name", sorted(set(GPTConfig.__dataclass_fields__) - {"vocab_size", "lora"}))
+def test_set_reaches_every_model_field(name):
+    value = getattr(GPTConfig.preset("tiny"), name)
+    text = "none" if value is None else str(value)
+    tc = _train_config(build_parser().parse_args(["train", "--set", f"{name}={text}"]))
+    assert tc.model == {name: value}
+
+
+def test_train_runs_with_set_backward_paper(corpus, tmp_path):
+    assert main(["train", "--data", str(corpus), "--out-dir", str(tmp_path), "--max-iters", "2", "--set", "backward=paper",
+                 "--set", "attn_block_size=64", *TINY]) == 0
+    model_config = load_checkpoint(tmp_path / "ckpt.mgc").meta["model_config"]
+    assert (model_config["backward"], model_config["attn_block_size"]) == ("paper", 64)
+
+
+def test_set_backward_and_tile_from_train():
+    tc = _train_config(build_parser().parse_args(["train", "--set", "backward=paper", "--set", "attn_block_size=64",
+                                                  "--n-head", "2"]))
+    cfg = tc.model_config(vocab_size=11)
+    assert (cfg.backward, cfg.attn_block_size, cfg.n_head, cfg.n_layer) == ("paper", 64, 2, TRAIN_MODEL["n_layer"])
 
 
 def test_train_writes_outputs_and_sample_continues_the_prompt(run, capsys):
@@ -127,6 +173,9 @@ def _bad_inputs(tmp_path, corpus):
         (["finetune", *data], "one of the arguments --init-from --from-hf is required"),
         (["finetune", *data, "--init-from", str(tmp_path), "--lora-targets", "q,w"], "subset of q,k,v,o,fc,proj,logits"),
         (["finetune", *data, "--init-from", str(tmp_path / "nothing")], "does not exist"),
+        (["train", *data, "--set", "backward=fast"], "backward must be one of"),
+        (["train", *data, "--set", "colour=blue"], "expected FIELD=VALUE with FIELD one of"),
+        (["train", *data, "--set", "attn_block_size=0"], "attn_block_size must be a positive integer"),
         ([], "the following arguments are required: COMMAND"),
     ]
 

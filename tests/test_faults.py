@@ -12,10 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from manual_grad import train as train_lib
+from manual_grad import loading
+from manual_grad.training import loop as train_lib
 from manual_grad.checkpoint import CheckpointError, load_checkpoint
 from manual_grad.cli import main
-from manual_grad.train import CHECKPOINT, TrainConfig, train
+from manual_grad.loading import CHECKPOINT
+from manual_grad.training import train
+from tests.helpers import train_config
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=4, learning_rate=1e-2, min_lr=1e-3,
             warmup_iters=2, eval_iters=2, sample_tokens=0)
@@ -70,7 +73,7 @@ def test_non_finite_step_stops_keeps_last_good_checkpoint_and_resume_continues(
     resumed = load_checkpoint(tmp_path / CHECKPOINT)
     assert resumed.meta["step"] == 20
     # ... to exactly where a run that never failed gets.
-    straight = train(TrainConfig(out_dir=str(tmp_path / "straight"), data=str(corpus), max_iters=20,
+    straight = train(train_config(out_dir=str(tmp_path / "straight"), data=str(corpus), max_iters=20,
                                  eval_interval=10, log_interval=5, **TINY), log=io.StringIO())
     for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.tree("params"))):
         assert np.array_equal(a, b)
@@ -79,7 +82,7 @@ def test_non_finite_step_stops_keeps_last_good_checkpoint_and_resume_continues(
 def test_non_finite_before_first_checkpoint_writes_none(corpus, tmp_path, monkeypatch):
     _poison_step(monkeypatch, 2, "loss", np.nan)
     with pytest.raises(FloatingPointError, match="at step 2: training stopped; no checkpoint was written"):
-        train(TrainConfig(out_dir=str(tmp_path), data=str(corpus), max_iters=20, eval_interval=10,
+        train(train_config(out_dir=str(tmp_path), data=str(corpus), max_iters=20, eval_interval=10,
                           log_interval=5, **TINY), log=io.StringIO())
     assert not (tmp_path / CHECKPOINT).exists()
 
@@ -132,7 +135,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
 @pytest.fixture(scope="module")
 def saved_run(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    train(TrainConfig(out_dir=str(out), data=str(corpus), max_iters=2, eval_interval=2, log_interval=1, **TINY),
+    train(train_config(out_dir=str(out), data=str(corpus), max_iters=2, eval_interval=2, log_interval=1, **TINY),
           log=io.StringIO())
     return out / CHECKPOINT
 
@@ -146,7 +149,7 @@ def test_damaged_checkpoint_is_reported_not_loaded(saved_run, tmp_path, capsys, 
         raw[len(raw) // 2] ^= 0x10
     (tmp_path / CHECKPOINT).write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="damaged"):
-        train_lib.load_model(tmp_path)
+        loading.load_model(tmp_path)
     assert main(["train", "--resume", "--out-dir", str(tmp_path)]) == 2
     assert "checksum mismatch" in capsys.readouterr().err
     assert main(["train", "--out-dir", str(tmp_path), "--max-iters", "1", *FLAGS]) == 2   # not overwritten
@@ -155,7 +158,7 @@ def test_damaged_checkpoint_is_reported_not_loaded(saved_run, tmp_path, capsys, 
 
 
 def _losses(corpus, out_dir, steps):
-    result = train(TrainConfig(out_dir=str(out_dir), data=str(corpus), max_iters=steps, eval_interval=steps,
+    result = train(train_config(out_dir=str(out_dir), data=str(corpus), max_iters=steps, eval_interval=steps,
                                log_interval=1, dropout=0.1, seed=7, **TINY), log=io.StringIO())
     return [row[1] for row in result.history["train"]], result.params
 

@@ -7,12 +7,12 @@ command-line setup and the checkpoint format are also checked in-process on one 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -23,6 +23,9 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from manual_grad import GPTConfig, init_params, loss_fn, parallel
+from manual_grad.checkpoint import load_state, save_state
+from manual_grad.training import OptimizerConfig, TrainConfig, make_optimizer, make_train_step
+from manual_grad.training.loop import compile_step
 from tests.parallel_worker import CONFIG, init_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +102,7 @@ def test_adamw_step_matches_single_device(backend):
 
 
 def test_project_train_step_on_the_mesh():
-    """manual_grad.train.make_train_step (clipping, AdamW, schedule) in float32, the training
+    """manual_grad.training.make_train_step (clipping, AdamW, schedule) in float32, the training
     dtype, on 8 devices in FSDP: same loss, gradient norm and moments as on one device (the
     parameters' update, Adam's conditioning aside, is an elementwise function of those)."""
     results = run_worker("equivalence", "--backend", "manual", "--optimizer", "train",
@@ -215,7 +218,7 @@ def test_two_processes_train_one_fsdp_step_and_write_one_checkpoint(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["state.mgc"]
     cfg = GPTConfig(**CONFIG)
     like = jax.eval_shape(lambda: init_state(cfg, optax.sgd(0.1, momentum=0.9)))
-    assert int(parallel.load_state(path, like)["step"]) == 1
+    assert int(load_state(path, like)["step"]) == 1
 
 
 # --- in-process: rules, flags, format ----------------------------------------------------
@@ -283,31 +286,24 @@ def test_optimizer_moments_follow_their_parameters():
     assert specs["opt_state"][0].count == P()
 
 
-def test_setup_from_args_runs_a_step_on_the_mesh():
-    """The CLI path: flags -> mesh, sharded state and batch, jitted step (here on the devices
-    this process has, usually one)."""
-    parser = parallel.add_parallel_args(argparse.ArgumentParser())
-    args = parser.parse_args(["--mesh", "data=-1", "--shard", "fsdp"])
+def test_trainer_compiles_the_step_on_the_mesh():
+    """The trainer's path (--mesh data=-1 --shard fsdp): mesh, sharded state and batch, the
+    shared step jitted on them (here on the devices this process has, usually one)."""
     cfg = GPTConfig(vocab_size=16, block_size=4, n_layer=1, n_head=2, n_embd=8)
-    opt = optax.sgd(0.1)
-
-    def step(state, batch, key):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], *batch, cfg, "manual")
-        updates, opt_state = opt.update(grads, state["opt_state"])
-        return {**state, "params": optax.apply_updates(state["params"], updates),
-                "opt_state": opt_state, "step": state["step"] + 1}, {"loss": loss}
-
-    state = init_state(cfg, opt)
-    expected_state, expected = jax.jit(step)(state, (jnp.ones((2, 4), int), jnp.zeros((2, 4), int)), None)
     n = len(jax.devices())
+    tc = TrainConfig(mesh="data=-1", shard="fsdp", batch_size=2 * n, optim=OptimizerConfig(warmup_iters=0))
+    run = types.SimpleNamespace(tc=tc, cfg=cfg, base=None)
+    opt = make_optimizer(tc.optim)
+    state = init_state(cfg, opt)
     batch = (np.ones((2 * n, 4), int), np.zeros((2 * n, 4), int))
-    sharded_step, sharded_state, put_batch, shardings = parallel.setup_from_args(args, step, state)
+    expected_state, expected = make_train_step(cfg, opt)(state, jax.tree.map(jnp.asarray, batch), None)
+    sharded_state, sharded_step, put_batch = compile_step(run, state)
     new_state, metrics = sharded_step(sharded_state, put_batch(batch), jax.random.key(0))
-    assert jax.tree.structure(shardings) == jax.tree.structure(state)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
     assert int(new_state["step"]) == 1
     np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=1e-6)
-    plain_step, same_state, identity, none = parallel.setup_from_args(parser.parse_args([]), step, state)
-    assert same_state is state and none is None and identity(batch) is batch
+    for a, b in zip(jax.tree.leaves(new_state["params"]), jax.tree.leaves(expected_state["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_frozen_tree_is_an_argument_not_a_constant():
@@ -341,19 +337,19 @@ def test_save_load_round_trip_and_mismatch(tmp_path):
     opt = optax.adamw(1e-3)
     state = init_state(cfg, opt)
     path = tmp_path / "sub" / "state.mgc"
-    parallel.save_state(path, state)
-    parallel.save_state(path, state)   # overwriting is atomic too
+    save_state(path, state=state)
+    save_state(path, state=state)   # overwriting is atomic too
     assert [p.name for p in path.parent.iterdir()] == ["state.mgc"]
     like = jax.eval_shape(lambda: init_state(cfg, opt))
     mesh = parallel.make_mesh("data=-1")
-    loaded = parallel.load_state(path, like, parallel.state_shardings(like, mesh, "fsdp"))
+    loaded = load_state(path, like, parallel.state_shardings(like, mesh, "fsdp"))
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(state)):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
     other = jax.eval_shape(lambda: init_state(cfg.replace(n_embd=16), opt))
     with pytest.raises(ValueError, match="shape"):
-        parallel.load_state(path, other)
+        load_state(path, other)
     with pytest.raises(ValueError, match="unexpected entries"):
-        parallel.load_state(path, {"params": like["params"]})
+        load_state(path, {"params": like["params"]})
 
 
 def test_initialize_distributed_reads_flags_and_environment(monkeypatch):

@@ -1,4 +1,4 @@
-"""The optimizer, the train step, exact resume and LoRA fine-tuning (manual_grad.train)."""
+"""The optimizer, the train step, exact resume and LoRA fine-tuning (manual_grad.training)."""
 import io
 import math
 
@@ -9,8 +9,9 @@ import pytest
 
 from manual_grad import GPTConfig, LoRAConfig, init_params, loss_fn
 from manual_grad.checkpoint import load_checkpoint, verify_checkpoint
-from manual_grad.train import (CHECKPOINT, LORA_CHECKPOINT, TrainConfig, decay_mask, load_model, make_optimizer,
-                               make_schedule, make_train_step, train)
+from manual_grad.loading import CHECKPOINT, LORA_CHECKPOINT, load_model
+from manual_grad.training import OptimizerConfig, decay_mask, make_optimizer, make_schedule, make_train_step, train
+from tests.helpers import train_config
 
 WORDS_A = "the cat sat on a mat and the dog ate a big red fox by the old barn".split()
 WORDS_B = "quick jumps over lazy wizards vex home pig zebra".split()
@@ -35,8 +36,11 @@ TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=8, learnin
             warmup_iters=2, eval_interval=10, eval_iters=2, log_interval=1, sample_tokens=0)
 
 
+FINETUNE = {k: v for k, v in TINY.items() if k not in ("n_layer", "n_head", "n_embd")}   # the base fixes those
+
+
 def test_schedule_is_nanogpts_get_lr():
-    tc = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100, lr_decay_iters=80)
+    tc = OptimizerConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=80)
 
     def get_lr(it):   # nanoGPT's train.py
         if it < tc.warmup_iters:
@@ -62,7 +66,7 @@ def test_weight_decay_only_on_matrices():
                        "lora/blocks/mlp/fc/b"}
 
     # with zero gradients AdamW's update is the decay alone: w <- w (1 - lr wd), biases stay
-    tc = TrainConfig(learning_rate=0.5, warmup_iters=0, weight_decay=0.1)
+    tc = OptimizerConfig(learning_rate=0.5, warmup_iters=0, weight_decay=0.1, lr_decay_iters=10)
     tree = {"blocks": {"w_o": jnp.ones((2, 3, 3)), "b_o": jnp.ones((2, 3))}, "wte": jnp.ones((4, 3)),
             "ln_f": {"scale": jnp.ones(3)}}
     opt = make_optimizer(tc)
@@ -81,7 +85,7 @@ def test_weight_decay_only_on_matrices():
 @pytest.mark.slow
 def test_manual_and_autodiff_steps_agree():
     cfg = GPTConfig.preset("tiny", n_layer=2, n_embd=32, block_size=16)
-    tc = TrainConfig(learning_rate=1e-2, warmup_iters=0)
+    tc = OptimizerConfig(learning_rate=1e-2, warmup_iters=0, lr_decay_iters=500)
     opt = make_optimizer(tc)
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
     state = {"params": params, "opt_state": jax.jit(opt.init)(params), "step": jnp.int32(0)}
@@ -102,14 +106,14 @@ def test_manual_and_autodiff_steps_agree():
 def straight(corpora, tmp_path_factory):
     """20 steps in one go, with dropout so the per-step keys matter too."""
     out = tmp_path_factory.mktemp("straight")
-    return train(TrainConfig(out_dir=str(out), data=str(corpora[0]), max_iters=20, dropout=0.1, **TINY),
+    return train(train_config(out_dir=str(out), data=str(corpora[0]), max_iters=20, dropout=0.1, **TINY),
                  log=io.StringIO())
 
 
 def test_resume_is_exact(corpora, straight, tmp_path):
     common = dict(out_dir=str(tmp_path), data=str(corpora[0]), lr_decay_iters=20, dropout=0.1, **TINY)
-    train(TrainConfig(max_iters=10, **common), log=io.StringIO())
-    resumed = train(TrainConfig(max_iters=20, resume=True, **common), log=io.StringIO())
+    train(train_config(max_iters=10, **common), log=io.StringIO())
+    resumed = train(train_config(max_iters=20, resume=True, **common), log=io.StringIO())
     for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
         assert np.array_equal(a, b)                                                   # bitwise
     assert resumed.history["train"] == straight.history["train"]                      # every step's loss
@@ -134,9 +138,9 @@ def test_lora_finetune_lowers_new_text_loss_and_merges(corpora, straight, tmp_pa
     base_digest = verify_checkpoint(base_ckpt)
     log = io.StringIO()
     rank, targets = 4, ("q", "v", "fc")
-    result = train(TrainConfig(out_dir=str(tmp_path), data=str(corpora[1]), init_from=str(straight.out_dir),
-                               max_iters=30, lora_rank=rank, lora_alpha=8.0, lora_targets=targets, merge=True,
-                               **{**TINY, "eval_interval": 30}), log=log)
+    result = train(train_config(out_dir=str(tmp_path), data=str(corpora[1]), init_from=str(straight.out_dir),
+                                max_iters=30, lora_rank=rank, lora_alpha=8.0, lora_targets=targets, merge=True,
+                                **{**FINETUNE, "eval_interval": 30}), log=log)
     evals = result.history["eval"]
     assert evals[-1]["val"] < evals[0]["val"] - 0.3                      # the new text's val loss went down
 

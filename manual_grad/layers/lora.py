@@ -19,24 +19,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from manual_grad.config import SCALE_CONVENTIONS, lora_scale
 from manual_grad.layers.linear import linear_bwd, linear_fwd, linear_ref, matmul_tokens
 from manual_grad.vjp import manual_vjp
 
 __all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "lora_linear_ref",
            "lora_project_fwd", "lora_project_bwd", "lora_project_ref", "lora_scale",
            "SCALE_CONVENTIONS"]
-
-SCALE_CONVENTIONS = ("alpha/rank", "alpha")
-
-
-def lora_scale(alpha: float, rank: int, convention: str = "alpha/rank") -> float:
-    """The factor ``s`` of ``s · x A B``: ``alpha / rank`` (default) or ``alpha`` (the paper's)."""
-    if convention == "alpha/rank":
-        return alpha / rank
-    if convention == "alpha":
-        return float(alpha)
-    raise ValueError(f"convention must be one of {SCALE_CONVENTIONS}, got {convention!r}")
-
 
 def _part_columns(width, parts, name):
     """Columns of part ``name`` when ``width`` output columns are split evenly into ``parts``."""
