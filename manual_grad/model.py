@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manual_grad import layers
+from manual_grad import kernels, layers
 from manual_grad.config import GPTConfig
 from manual_grad.layers.loss import IGNORE_INDEX
 
@@ -231,15 +231,17 @@ def _layer_settings(cfg: GPTConfig, backend: str) -> dict[str, dict]:
     """Static settings of each op: the lean or the paper backward for the manual backend."""
     lean = backend == "manual" and cfg.backward == "lean"
     s = cfg.lora.scale if cfg.lora is not None else 1.0
+    core = kernels.select(cfg.kernels if lean else "xla", cfg.dtype)     # Pallas cores, or None
     return {
         "layernorm": dict(eps=cfg.ln_eps, recompute=lean),
         "attention": dict(n_head=cfg.n_head, causal=cfg.causal, lora_scale=s,
-                          block_size=cfg.attn_block_size if lean else None),
+                          block_size=cfg.attn_block_size if lean else None, core=core["attention"]),
         "mlp": dict(activation=cfg.activation, lora_scale=s),
         "logits": dict(tied=cfg.tied_embeddings, lora_scale=s),
         # chunking pays only when a token's logits are larger than its hidden state
         "loss": dict(tied=cfg.tied_embeddings, lora_scale=s,
-                     chunk=cfg.loss_chunk if lean and cfg.vocab_size > cfg.n_embd else None),
+                     chunk=cfg.loss_chunk if lean and cfg.vocab_size > cfg.n_embd else None,
+                     core=core["loss"]),
     }
 
 

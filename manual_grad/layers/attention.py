@@ -225,18 +225,23 @@ def _split_adapters(adapters):
 
 
 def attention_fwd(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, lora_scale=1.0,
-                  block_size=None):
+                  block_size=None, core=None):
     """Multi-head self-attention ``y = attend(x W_qkv + b_qkv) W_o + b_o``.
 
     ``adapters``: optional LoRA adapters named "q", "k", "v" (on W_qkv's parts) and "o".
     ``block_size=None`` (the paper's backward) saves x (B, T, C), q, k, v, the heads' output
     (B, H, T, D) and ρ (B, H, T, T). ``block_size=b`` (flash) saves the same but the per-row
     log-sum-exp (B, H, T) instead of ρ, and works on (b, b) tiles in both passes.
+    ``core``: another op on (q, k, v) with the setting ``causal``, made by ``manual_vjp``
+    (a Pallas kernel, :mod:`manual_grad.kernels`), whose fwd and bwd replace the core's; the
+    layer saves its residuals.
     """
     qkv_adapters, o_adapters = _split_adapters(adapters)
     qkv, xa_qkv = lora_project_fwd(x, w_qkv, b_qkv, qkv_adapters, parts=QKV, scale=lora_scale)
     q, k, v = (split_heads(part, n_head) for part in jnp.split(qkv, 3, axis=-1))   # (B, H, T, D)
-    if block_size is None:
+    if core is not None:
+        heads, softmax_state = core.fwd(q, k, v, causal=causal)                      # the core's own
+    elif block_size is None:
         heads, softmax_state = attend_fwd(q, k, v, causal=causal)                    # ρ
     else:
         heads, softmax_state = flash_attend_fwd(q, k, v, causal=causal, block=block_size)  # lse
@@ -244,13 +249,15 @@ def attention_fwd(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, l
     return y, (x, q, k, v, heads, softmax_state, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o)
 
 
-def attention_bwd(n_head, causal, lora_scale, block_size, residuals, dy):
+def attention_bwd(n_head, causal, lora_scale, block_size, core, residuals, dy):
     x, q, k, v, heads, softmax_state, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o = residuals
     qkv_adapters, o_adapters = _split_adapters(adapters)
     dmerged, dw_o, db_o, do_adapters = lora_project_bwd(
         merge_heads(heads), w_o, b_o, o_adapters, xa_o, dy, parts=("o",), scale=lora_scale)  # (B, T, C)
     dheads = split_heads(dmerged, n_head)                                             # (B, H, T, D)
-    if block_size is None:
+    if core is not None:
+        dq, dk, dv = core.bwd(causal, softmax_state, dheads)
+    elif block_size is None:
         dq, dk, dv = attend_bwd(q, k, v, softmax_state, dheads)
     else:
         dq, dk, dv = flash_attend_bwd(q, k, v, heads, softmax_state, dheads, causal=causal, block=block_size)
@@ -269,8 +276,8 @@ attention = manual_vjp(attention_fwd, attention_bwd, shapes=ATTENTION_SHAPES)
 
 
 def attention_ref(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, lora_scale=1.0,
-                  block_size=None):
-    """Plain-jnp twin of :func:`attention` (``block_size`` only tiles the manual op)."""
+                  block_size=None, core=None):
+    """Plain-jnp twin of :func:`attention` (``block_size`` and ``core`` only change the manual op)."""
     qkv_adapters, o_adapters = _split_adapters(adapters)
     qkv = lora_project_ref(x, w_qkv, b_qkv, qkv_adapters, parts=QKV, scale=lora_scale)
     q, k, v = (split_heads(part, n_head) for part in jnp.split(qkv, 3, axis=-1))

@@ -126,16 +126,22 @@ def _one_pass(targets, chunk):
     return chunk is None or _chunk_positions(targets, chunk) >= targets.shape[1]
 
 
-def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=None):
+def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=None, core=None):
     """Mean cross-entropy of ``z = x W_out + b`` against ``targets`` (-100 = ignored).
 
     ``chunk=None`` (the paper's backward) saves x (B, T, C), the parameters and the logits
     (B, T, V). ``chunk=c`` saves only the per-token log-sum-exp (B, T): both passes then run
     over about c tokens at a time (all of the batch, c / B positions), so no (B, T, V) array
     of logits or of their gradient ever exists. When one chunk would hold every token, the
-    logits are kept as with ``chunk=None`` (see :func:`_one_pass`).
+    logits are kept as with ``chunk=None`` (see :func:`_one_pass`). ``core``: an op on
+    (x, w, b, targets) with the setting ``tied``, made by ``manual_vjp`` (a fused Pallas
+    kernel, :mod:`manual_grad.kernels`), used instead when there is no adapter; the layer
+    saves its residuals.
     """
     _check_adapters(adapters)
+    if core is not None and not adapters:
+        loss, core_residuals = core.fwd(x, w, b, targets, tied=tied)
+        return loss, (x, w, b, targets, adapters, None, core_residuals)
     n = _counted(targets)[1]
     if _one_pass(targets, chunk):
         z, (_, _, _, _, xa) = logits_fwd(x, w, b, adapters, tied=tied, lora_scale=lora_scale)
@@ -155,8 +161,11 @@ def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=N
     return total / n, (x, w, b, targets, adapters, None, _unchunk(lse, targets.shape[1]))    # lse: (B, T)
 
 
-def logits_loss_bwd(tied, lora_scale, chunk, residuals, dloss):
+def logits_loss_bwd(tied, lora_scale, chunk, core, residuals, dloss):
     x, w, b, targets, adapters, xa, softmax_state = residuals
+    if core is not None and not adapters:
+        dx, dw, db, _ = core.bwd(tied, softmax_state, dloss)
+        return dx, dw, db, None, adapters
     scale = dloss / _counted(targets)[1]
     if _one_pass(targets, chunk):
         z, lse = softmax_state
@@ -185,7 +194,7 @@ logits_loss = manual_vjp(logits_loss_fwd, logits_loss_bwd,
                          shapes=lambda tied, **_: _head_shapes(tied, "B T C", targets="int B T"))
 
 
-def logits_loss_ref(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=None):
-    """Plain-jnp twin of :func:`logits_loss` (``chunk`` only chunks the manual op)."""
+def logits_loss_ref(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=None, core=None):
+    """Plain-jnp twin of :func:`logits_loss` (``chunk`` and ``core`` only change the manual op)."""
     z = logits_ref(x, w, b, adapters, tied=tied, lora_scale=lora_scale)
     return _token_nll(z, targets)[1].sum() / _counted(targets)[1]
