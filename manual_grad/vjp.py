@@ -1,45 +1,116 @@
-"""The one helper that turns a hand-written ``(fwd, bwd)`` pair into a JAX op.
+"""The one helper that turns a hand-written ``(fwd, bwd)`` pair, and optionally a
+hand-written tangent formula ``jvp``, into a JAX op.
 
 Every layer in :mod:`manual_grad.layers` follows the same contract::
 
     def layer_fwd(x, w, ..., *, setting):        # -> (y, residuals)
     def layer_bwd(setting, residuals, dy):        # -> (dx, dw, ...)
-    layer = manual_vjp(layer_fwd, layer_bwd)      # the op the model calls
+    def layer_jvp(setting, residuals, tangents):  # -> dy, tangents = (dx, dw, ...)
+    layer = manual_vjp(layer_fwd, layer_bwd, jvp=layer_jvp)   # the op the model calls
 
 * The positional parameters of ``fwd`` are the differentiable inputs: arrays or
   pytrees of arrays (``None`` allowed for an absent bias, ``{}`` for no adapters).
 * Its keyword-only parameters are static settings (eps, number of heads, the causal
   flag, a scale...). They must be hashable; they are never differentiated and are
-  handed to ``bwd`` first, positionally, in the order ``fwd`` declares them.
+  handed to ``bwd`` and ``jvp`` first, positionally, in the order ``fwd`` declares them.
 * ``bwd`` returns one cotangent per positional input, each with the structure and
   dtype of that input (``None`` for integer inputs such as token ids).
+* ``jvp`` gets one tangent per positional input (``None`` for integer inputs, zeros where
+  the input does not move) and returns the output's tangent, linear in the tangents.
+  Like ``bwd`` it is written by hand from the residuals: no ``jax.jvp`` inside.
+
+How the two are combined: the op is a ``jax.custom_jvp`` function whose tangent rule runs
+``fwd`` (saving its residuals, each named ``"<op>_residuals"`` with ``checkpoint_name``) and
+then a :func:`~manual_grad.linear_map.linear_map` of the tangents whose transpose is ``bwd``.
+``jax.jvp`` evaluates ``jvp``; ``jax.grad`` transposes the map and so runs ``bwd`` on the same
+residuals (``jvp`` is then never evaluated). Without ``jvp``, forward mode raises a
+``TypeError`` naming the op; reverse mode (and ``jax.hessian``, forward over reverse) works.
 
 ``shapes`` declares the array inputs' shapes and dtypes (see :mod:`manual_grad.shapes`),
 checked when the op is called, so a wrong input raises a ``ValueError``/``TypeError`` naming
 the argument. It is a dict, or a function of the settings returning one.
-
-The resulting op is an ordinary ``jax.custom_vjp`` function: it composes with
-``jit``, ``grad``, ``vmap`` and ``lax.scan``.
 """
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from jax.custom_derivatives import SymbolicZero
 
+from manual_grad.linear_map import linear_map
 from manual_grad.shapes import check_inputs
 
-__all__ = ["manual_vjp"]
+__all__ = ["manual_vjp", "forward_mode_error"]
+
+
+def forward_mode_error(name: str) -> TypeError:
+    """The error of forward-mode autodiff on an op that has no hand-written tangent formula."""
+    return TypeError(
+        f"manual_grad op {name!r} has no hand-written tangent (JVP) formula, so forward-mode "
+        "autodiff (jax.jvp, jax.jacfwd, jax.linearize) cannot evaluate it: its derivative is only "
+        "defined through its hand-written backward. Use backend=\"autodiff\" (the plain-jnp twins) "
+        "for forward mode, or reverse mode: jax.grad, jax.jacrev, jax.jacrev(jax.jacrev(f)) and "
+        "jax.hessian work on the manual backend.")
+
+
+class _Tangents(NamedTuple):
+    """Static layout of one call's tangents: which input leaves move, and their types."""
+    trees: tuple          # treedef of each positional input
+    leaves: tuple         # per input, per leaf: (shape, dtype, moves) or None for integer leaves
+
+    def full(self, moving):
+        """Tangent per input from the moving leaves (zeros for the rest, None for integers)."""
+        moving = iter(moving)
+        tangents = []
+        for tree, leaves in zip(self.trees, self.leaves):
+            if leaves and all(leaf is None for leaf in leaves):
+                tangents.append(None)
+                continue
+            tangents.append(jax.tree.unflatten(tree, [
+                next(moving) if leaf[2] else jnp.zeros(leaf[0], leaf[1]) for leaf in leaves]))
+        return tuple(tangents)
+
+    def moving(self, grads):
+        """The cotangents of the moving leaves, from one cotangent per input."""
+        out = []
+        for tree, leaves, grad in zip(self.trees, self.leaves, grads):
+            if leaves and all(leaf is None for leaf in leaves):
+                continue
+            out += [g for g, leaf in zip(tree.flatten_up_to(grad), leaves) if leaf[2]]
+        return out
+
+
+def _layout(primals, tangents):
+    trees, leaves, moving = [], [], []
+    for p, t in zip(primals, tangents):
+        p_leaves, tree = jax.tree.flatten(p)
+        t_leaves = tree.flatten_up_to(t)
+        trees.append(tree)
+        row = []
+        for pl, tl in zip(p_leaves, t_leaves):
+            if not jnp.issubdtype(jnp.result_type(pl), jnp.inexact):
+                row.append(None)
+                continue
+            moves = not isinstance(tl, SymbolicZero)
+            row.append((tuple(jnp.shape(pl)), jnp.result_type(pl), moves))
+            if moves:
+                moving.append(tl)
+        leaves.append(tuple(row))
+    return _Tangents(tuple(trees), tuple(leaves)), moving
 
 
 def manual_vjp(fwd: Callable[..., tuple[Any, Any]], bwd: Callable[..., tuple], *,
+               jvp: Callable[..., Any] | None = None,
                shapes: Mapping[str, str] | Callable[..., Mapping[str, str]] | None = None) -> Callable:
-    """Registers ``bwd`` as the vector-Jacobian product of ``fwd``'s first output.
+    """Registers ``bwd`` as the vector-Jacobian product and ``jvp`` (optional) as the
+    Jacobian-vector product of ``fwd``'s first output.
 
-    Returns ``op(*inputs, **settings) -> y`` whose forward runs ``fwd`` (keeping
-    its residuals when differentiated) and whose backward runs ``bwd``.
+    Returns ``op(*inputs, **settings) -> y`` whose forward runs ``fwd`` (keeping its residuals
+    when differentiated), whose reverse pass runs ``bwd`` and whose forward mode runs ``jvp``.
     """
     signature = inspect.signature(fwd)
     input_names = [
@@ -54,18 +125,33 @@ def manual_vjp(fwd: Callable[..., tuple[Any, Any]], bwd: Callable[..., tuple], *
         y, _ = fwd(*inputs, **dict(zip(setting_names, settings)))
         return y
 
-    def primal_fwd(settings, *inputs):
-        return fwd(*inputs, **dict(zip(setting_names, settings)))
+    def tangent(static, residuals, moving):                 # linear in ``moving``
+        settings, layout = static
+        if jvp is None:
+            raise forward_mode_error(name)
+        return jvp(*settings, residuals, layout.full(moving))
 
-    def primal_bwd(settings, residuals, dy):
+    def backward(static, residuals, dy):                    # the transpose of ``tangent``
+        settings, layout = static
         grads = bwd(*settings, residuals, dy)
         if len(grads) != len(input_names):
             raise TypeError(f"{bwd.__name__} returned {len(grads)} cotangents, "
                             f"expected {len(input_names)} ({', '.join(input_names)})")
-        return tuple(grads)
+        return layout.moving(grads)
 
-    op_core = jax.custom_vjp(primal, nondiff_argnums=(0,))
-    op_core.defvjp(primal_fwd, primal_bwd)
+    tangent.__name__, backward.__name__ = f"{name}_tangent", f"{name}_backward"
+
+    def primal_jvp(settings, primals, tangents):
+        y, residuals = fwd(*primals, **dict(zip(setting_names, settings)))
+        layout, moving = _layout(primals, tangents)
+        if not moving:
+            return y, jax.tree.map(jnp.zeros_like, y)
+        residuals = jax.tree.map(lambda r: checkpoint_name(r, f"{name}_residuals"), residuals)
+        out_avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), y)
+        return y, linear_map(tangent, backward, (settings, layout), residuals, moving, out_avals)
+
+    op_core = jax.custom_jvp(primal, nondiff_argnums=(0,))
+    op_core.defjvp(primal_jvp, symbolic_zeros=True)
 
     @functools.wraps(fwd)
     def op(*inputs, **settings):
@@ -91,5 +177,5 @@ def manual_vjp(fwd: Callable[..., tuple[Any, Any]], bwd: Callable[..., tuple], *
 
     op.__name__ = name
     op.__qualname__ = name
-    op.fwd, op.bwd, op.shapes = fwd, bwd, shapes
+    op.fwd, op.bwd, op.jvp, op.shapes = fwd, bwd, jvp, shapes
     return op
