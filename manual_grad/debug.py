@@ -10,7 +10,8 @@ in Python; these functions are the opt-in ``debug=True`` path for them. Each ret
   position and value are reported);
 - parameters: non-finite entries, named by their path (``params/blocks/attn/w_qkv``);
 - every layer's output in the forward: non-finite entries, named by the layer
-  (``blocks/ln1``, ``blocks/attention``, ``ln_f``, ``logits+loss``...);
+  (``blocks/ln1``, ``blocks/attention``, ``ln_f``, ``logits+loss``...), through the model's
+  ``tap`` hook;
 - the loss and every gradient: non-finite entries, named by the parameter's path.
 
 The first failing check, in program order, is the one reported. Checkify's built-in
@@ -22,10 +23,7 @@ checked array: use them to find a fault, not for production runs.
 """
 from __future__ import annotations
 
-import contextlib
-from collections import defaultdict
 from functools import lru_cache
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -39,19 +37,6 @@ __all__ = ["ERRORS", "checked_forward", "checked_loss_fn", "checked_value_and_gr
            "check_finite"]
 
 ERRORS = checkify.user_checks
-
-# The names of an op's successive calls while the model is traced (model._hidden's order:
-# the blocks are traced once, inside lax.scan).
-_CALL_NAMES = {
-    "embedding": ("embedding",),
-    "dropout": ("embedding dropout", "blocks/attention dropout", "blocks/mlp dropout"),
-    "layernorm": ("blocks/ln1", "blocks/ln2", "ln_f"),
-    "attention": ("blocks/attention",),
-    "mlp": ("blocks/mlp",),
-    "logits": ("logits",),
-    "logits_loss": ("logits+loss",),
-}
-
 
 def check_ids(name: str, ids, vocab_size: int, *, allow_ignore: bool = False) -> None:
     """A checkify check that every id is in ``[0, vocab_size)`` (or ``-100`` when allowed)."""
@@ -75,25 +60,9 @@ def check_finite(name: str, tree) -> None:
         checkify.check(count == 0, f"non-finite values in {where}: {{count}} entries", count=count)
 
 
-def _checked_op(kind: str, op, calls: defaultdict):
-    def checked(*args, **settings):
-        names = _CALL_NAMES.get(kind, ())
-        i = calls[kind]
-        calls[kind] += 1
-        y = op(*args, **settings)
-        check_finite(f"the output of {names[i] if i < len(names) else f'{kind} (call {i})'}", y)
-        return y
-    return checked
-
-
-@contextlib.contextmanager
-def _checked_backend(backend: str):
-    """While tracing: ``model.BACKENDS[backend]`` with a finiteness check after every op."""
-    ops = model.BACKENDS[backend]
-    calls = defaultdict(int)
-    checked = type(ops)(*(_checked_op(kind, op, calls) for kind, op in zip(ops._fields, ops)))
-    with mock.patch.dict(model.BACKENDS, {backend: checked}):
-        yield
+def _tap(name: str, value) -> None:
+    """The model's debug hook (``tap=``): a finiteness check on every op's output, named by the op."""
+    check_finite(f"the output of {name}", value)
 
 
 def _check_inputs(params, inputs, targets, cfg: GPTConfig) -> None:
@@ -107,15 +76,14 @@ def _check_inputs(params, inputs, targets, cfg: GPTConfig) -> None:
 def _compiled(kind: str, cfg: GPTConfig, backend: str):
     def run(params, inputs, targets, dropout_key):
         _check_inputs(params, inputs, targets, cfg)
-        with _checked_backend(backend):
-            if kind == "forward":
-                return model.forward(params, inputs, cfg, backend, dropout_key=dropout_key)
-            loss_of = lambda p: model.loss_fn(p, inputs, targets, cfg, backend, dropout_key=dropout_key)
-            if kind == "loss":
-                out = loss_of(params)
-            else:
-                out = jax.value_and_grad(loss_of)(params)
-                check_finite("grads", out[1])
+        if kind == "forward":
+            return model.forward(params, inputs, cfg, backend, dropout_key=dropout_key, tap=_tap)
+        loss_of = lambda p: model.loss_fn(p, inputs, targets, cfg, backend, dropout_key=dropout_key, tap=_tap)
+        if kind == "loss":
+            out = loss_of(params)
+        else:
+            out = jax.value_and_grad(loss_of)(params)
+            check_finite("grads", out[1])
         check_finite("the loss", out[0] if kind == "value_and_grad" else out)
         return out
     return jax.jit(checkify.checkify(run, errors=ERRORS))

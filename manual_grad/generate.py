@@ -1,7 +1,8 @@
 """Autoregressive sampling with a key/value cache.
 
-The prompt is run once through the model (prefill), writing every block's keys and values into
-a fixed-size cache (L, B, H, S, D); each new token then costs one position: its q, k, v are
+The prompt is run once through the model's own blocks and head (:func:`manual_grad.model.blocks`
+with a cache, the plain-jnp ops), writing every block's keys and values into a fixed-size
+cache (L, B, H, S, D); each new token then costs one position: its q, k, v are
 computed, k and v are written at its position, and q attends over the cached positions
 ``<= t`` (O(T) per token instead of O(T^2)). Shapes are static, the loop is ``lax.fori_loop``
 and the whole of :func:`generate` is jitted.
@@ -23,60 +24,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from manual_grad.config import GPTConfig
-from manual_grad.layers.attention import merge_heads, split_heads
-from manual_grad.layers.layernorm import layernorm_ref
-from manual_grad.layers.lora import lora_project_ref
-from manual_grad.layers.loss import logits_ref
-from manual_grad.layers.mlp import mlp_ref
+from manual_grad.layers.kv_cache import empty_cache
+from manual_grad.model import blocks, head
 
 __all__ = ["generate", "sample_logits"]
 
 
-def _block_step(cfg: GPTConfig, s: float, pos, x, layer):
-    """One block on new tokens x (B, Tn, C) at positions pos..pos+Tn-1, with this block's cache.
-
-    Returns the block output and the updated cache (k, v) each (B, H, S, D).
-    """
-    p, adapters, (k_cache, v_cache) = layer
-    attn_adapters = adapters.get("attn", {})
-    h = layernorm_ref(x, p["ln1"]["scale"], p["ln1"]["bias"], eps=cfg.ln_eps)
-    qkv = lora_project_ref(h, p["attn"]["w_qkv"], p["attn"].get("b_qkv"),
-                           {n: a for n, a in attn_adapters.items() if n in ("q", "k", "v")},
-                           parts=("q", "k", "v"), scale=s)                            # (B, Tn, 3C)
-    q, k, v = (split_heads(part, cfg.n_head) for part in jnp.split(qkv, 3, axis=-1))  # (B, H, Tn, D)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=2)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=2)
-    # query i (position pos + i) sees cached positions j <= pos + i; later slots are not yet written
-    visible = jnp.arange(k_cache.shape[2])[None, :] <= pos + jnp.arange(q.shape[2])[:, None]  # (Tn, S)
-    scores = (q @ k_cache.swapaxes(-1, -2)) * (1.0 / np.sqrt(cfg.head_size))         # (B, H, Tn, S)
-    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
-    heads = merge_heads(probs @ v_cache)                                                 # (B, Tn, C)
-    x = x + lora_project_ref(heads, p["attn"]["w_o"], p["attn"].get("b_o"),
-                             {n: a for n, a in attn_adapters.items() if n == "o"}, parts=("o",), scale=s)
-    h = layernorm_ref(x, p["ln2"]["scale"], p["ln2"]["bias"], eps=cfg.ln_eps)
-    x = x + mlp_ref(h, p["mlp"]["w_fc"], p["mlp"].get("b_fc"), p["mlp"]["w_proj"], p["mlp"].get("b_proj"),
-                    adapters.get("mlp", {}), activation=cfg.activation, lora_scale=s)
-    return x, (k_cache, v_cache)
-
-
 def _run(params, cfg: GPTConfig, tokens, pos, cache):
-    """Logits (B, V) of the last of ``tokens`` (B, Tn) placed at positions pos.., and the cache."""
-    lora = params.get("lora", {})
-    s = cfg.lora.scale if cfg.lora is not None else 1.0
+    """Logits (B, V) of the last of ``tokens`` (B, Tn) placed at positions pos.., and the cache:
+    the model's own blocks and head (the plain-jnp ops), attending over the cache."""
     positions = pos + jnp.arange(tokens.shape[1])
     x = params["wte"][tokens] + params["wpe"][positions]                               # (B, Tn, C)
-    x, cache = jax.lax.scan(partial(_block_step, cfg, s, pos), x,
-                            (params["blocks"], lora.get("blocks", {}), cache))
-    x = layernorm_ref(x[:, -1], params["ln_f"]["scale"], params["ln_f"]["bias"], eps=cfg.ln_eps)  # (B, C)
-    w = params["wte"] if cfg.tied_embeddings else params["lm_head"]["w"]
-    b = None if cfg.tied_embeddings else params["lm_head"].get("b")
-    head_adapters = {"logits": lora["logits"]} if "logits" in lora else {}
-    return logits_ref(x, w, b, head_adapters, tied=cfg.tied_embeddings, lora_scale=s), cache
+    x, cache = blocks(params, x, cfg, "autodiff", cache=cache, pos=pos)
+    return head(params, x[:, -1], cfg, "autodiff"), cache                              # (B, V)
 
 
 def _empty_cache(cfg: GPTConfig, batch: int, size: int, dtype):
-    shape = (cfg.n_layer, batch, cfg.n_head, size, cfg.head_size)                     # (L, B, H, S, D)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    return empty_cache(cfg.n_layer, batch, cfg.n_head, size, cfg.head_size, dtype)     # (L, B, H, S, D)
 
 
 def sample_logits(logits, key, temperature, top_k: int | None):

@@ -16,10 +16,11 @@ import numpy as np
 
 from manual_grad import kernels, layers
 from manual_grad.config import GPTConfig
+from manual_grad.layers.kv_cache import attention_cached
 from manual_grad.layers.loss import IGNORE_INDEX
 
 __all__ = ["init_params", "attach_lora", "merge_lora", "split_lora", "forward", "loss_fn",
-           "count_params", "BACKENDS", "IGNORE_INDEX"]
+           "count_params", "embed", "block", "blocks", "final_norm", "head", "BACKENDS", "IGNORE_INDEX"]
 
 Params = dict[str, Any]
 
@@ -245,30 +246,98 @@ def _layer_settings(cfg: GPTConfig, backend: str) -> dict[str, dict]:
     }
 
 
-def _hidden(params: Params, inputs, cfg: GPTConfig, backend: str, dropout_key) -> jax.Array:
-    """Token ids (B, T) -> final-LayerNorm output (B, T, C)."""
-    ops, settings = BACKENDS[backend], _layer_settings(cfg, backend)
-    lora = params.get("lora", {})
+Tap = Callable[[str, jax.Array], None]
+
+
+def _tapped(tap: Tap | None, name: str, value):
+    """``value``, after showing it to ``tap`` (a debug hook) under ``name``."""
+    if tap is not None:
+        tap(name, value)
+    return value
+
+
+def _dropout(cfg: GPTConfig, dropout_key):
+    """``(rate, keys)``: the dropout rate (0 outside training) and 2 L + 1 keys, one per block
+    branch then the embedding's."""
     train = dropout_key is not None and cfg.dropout > 0
-    rate = cfg.dropout if train else 0.0
     keys = jax.random.split(dropout_key if train else jax.random.key(0), 2 * cfg.n_layer + 1)
+    return (cfg.dropout if train else 0.0), keys
 
-    x = ops.dropout(ops.embedding(inputs, params["wte"], params["wpe"]), keys[-1], rate=rate)
 
-    def block(x, layer):
-        p, adapters, (key_attn, key_mlp) = layer
-        h = ops.layernorm(x, p["ln1"]["scale"], p["ln1"]["bias"], **settings["layernorm"])
-        a = ops.attention(h, p["attn"]["w_qkv"], p["attn"].get("b_qkv"), p["attn"]["w_o"],
-                          p["attn"].get("b_o"), adapters.get("attn", {}), **settings["attention"])
-        x = x + ops.dropout(a, key_attn, rate=rate)
-        h = ops.layernorm(x, p["ln2"]["scale"], p["ln2"]["bias"], **settings["layernorm"])
-        m = ops.mlp(h, p["mlp"]["w_fc"], p["mlp"].get("b_fc"), p["mlp"]["w_proj"],
-                    p["mlp"].get("b_proj"), adapters.get("mlp", {}), **settings["mlp"])
-        return x + ops.dropout(m, key_mlp, rate=rate), None
+def block(x, p: Params, adapters: Params, cfg: GPTConfig, backend: str = "manual", *, rate: float = 0.0,
+          keys=(None, None), cache=None, pos=0, tap: Tap | None = None):
+    """One pre-LN transformer block on x (B, T, C): ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``,
+    with dropout ``rate`` on each branch. Returns ``(x, cache)``.
 
-    layer_keys = keys[:-1].reshape(cfg.n_layer, 2)
-    x, _ = jax.lax.scan(block, x, (params["blocks"], lora.get("blocks", {}), layer_keys))
-    return ops.layernorm(x, params["ln_f"]["scale"], params["ln_f"]["bias"], **settings["layernorm"])
+    ``p``/``adapters``: one layer's slice of ``params["blocks"]`` / ``params["lora"]["blocks"]``.
+    ``cache``: this block's (K, V) (B, H, S, D) for decoding; x then holds the tokens at
+    positions ``pos ..`` and attends over the cache (:mod:`manual_grad.layers.kv_cache`).
+    ``tap(name, value)`` sees every op's output (:mod:`manual_grad.debug`).
+    """
+    ops, settings = BACKENDS[backend], _layer_settings(cfg, backend)
+    key_attn, key_mlp = keys
+    attn, mlp = p["attn"], p["mlp"]
+    h = _tapped(tap, "blocks/ln1", ops.layernorm(x, p["ln1"]["scale"], p["ln1"]["bias"], **settings["layernorm"]))
+    if cache is None:
+        a = ops.attention(h, attn["w_qkv"], attn.get("b_qkv"), attn["w_o"], attn.get("b_o"),
+                          adapters.get("attn", {}), **settings["attention"])
+    else:
+        a, cache = attention_cached(h, attn["w_qkv"], attn.get("b_qkv"), attn["w_o"], attn.get("b_o"),
+                                    adapters.get("attn", {}), cache, pos, n_head=cfg.n_head,
+                                    lora_scale=settings["attention"]["lora_scale"])
+    a = _tapped(tap, "blocks/attention", a)
+    x = x + _tapped(tap, "blocks/attention dropout", ops.dropout(a, key_attn, rate=rate))
+    h = _tapped(tap, "blocks/ln2", ops.layernorm(x, p["ln2"]["scale"], p["ln2"]["bias"], **settings["layernorm"]))
+    m = _tapped(tap, "blocks/mlp", ops.mlp(h, mlp["w_fc"], mlp.get("b_fc"), mlp["w_proj"], mlp.get("b_proj"),
+                                           adapters.get("mlp", {}), **settings["mlp"]))
+    return x + _tapped(tap, "blocks/mlp dropout", ops.dropout(m, key_mlp, rate=rate)), cache
+
+
+def blocks(params: Params, x, cfg: GPTConfig, backend: str = "manual", *, dropout_key=None, cache=None,
+           pos=0, tap: Tap | None = None):
+    """Every block, by ``lax.scan`` over the stacked layers: ``(x (B, T, C), cache)``.
+
+    ``cache``: (K, V) each (L, B, H, S, D), or None. Dropout when ``dropout_key`` is given and
+    ``cfg.dropout > 0``.
+    """
+    lora = params.get("lora", {})
+    rate, keys = _dropout(cfg, dropout_key)
+    keys = keys[:-1].reshape(cfg.n_layer, 2)
+
+    def step(x, layer):
+        p, adapters, layer_keys, layer_cache = layer
+        return block(x, p, adapters, cfg, backend, rate=rate, keys=(layer_keys[0], layer_keys[1]),
+                     cache=layer_cache, pos=pos, tap=tap)
+    return jax.lax.scan(step, x, (params["blocks"], lora.get("blocks", {}), keys, cache))
+
+
+def embed(params: Params, inputs, cfg: GPTConfig, backend: str = "manual", *, dropout_key=None,
+          tap: Tap | None = None):
+    """Token ids (B, T) -> token + position embeddings (B, T, C), with dropout in training."""
+    ops = BACKENDS[backend]
+    rate, keys = _dropout(cfg, dropout_key)
+    x = _tapped(tap, "embedding", ops.embedding(inputs, params["wte"], params["wpe"]))
+    return _tapped(tap, "embedding dropout", ops.dropout(x, keys[-1], rate=rate))
+
+
+def final_norm(params: Params, x, cfg: GPTConfig, backend: str = "manual", *, tap: Tap | None = None):
+    """The last LayerNorm, ``ln_f``: (B, T, C) -> (B, T, C)."""
+    settings = _layer_settings(cfg, backend)["layernorm"]
+    return _tapped(tap, "ln_f", BACKENDS[backend].layernorm(x, params["ln_f"]["scale"], params["ln_f"]["bias"],
+                                                            **settings))
+
+
+def head(params: Params, x, cfg: GPTConfig, backend: str = "manual", *, tap: Tap | None = None):
+    """The head: ``ln_f`` then the logits layer, (..., C) -> (..., V)."""
+    x = final_norm(params, x, cfg, backend, tap=tap)
+    logits = BACKENDS[backend].logits(x, *_head(params, cfg), **_layer_settings(cfg, backend)["logits"])
+    return _tapped(tap, "logits", logits)
+
+
+def _hidden(params: Params, inputs, cfg: GPTConfig, backend: str, dropout_key, tap) -> jax.Array:
+    """Token ids (B, T) -> the last block's output (B, T, C)."""
+    x = embed(params, inputs, cfg, backend, dropout_key=dropout_key, tap=tap)
+    return blocks(params, x, cfg, backend, dropout_key=dropout_key, tap=tap)[0]
 
 
 def _head(params: Params, cfg: GPTConfig):
@@ -280,16 +349,16 @@ def _head(params: Params, cfg: GPTConfig):
 
 
 def forward(params: Params, inputs, cfg: GPTConfig, backend: str = "manual", *,
-            dropout_key: jax.Array | None = None) -> jax.Array:
-    """Logits (B, T, V) for token ids ``inputs`` (B, T). Dropout only when ``dropout_key`` is given."""
+            dropout_key: jax.Array | None = None, tap: Tap | None = None) -> jax.Array:
+    """Logits (B, T, V) for token ids ``inputs`` (B, T). Dropout only when ``dropout_key`` is given;
+    ``tap(name, value)`` sees every op's output."""
     _check_call(params, inputs, cfg, backend)
     params = _compute_params(params, cfg)
-    x = _hidden(params, inputs, cfg, backend, dropout_key)
-    return BACKENDS[backend].logits(x, *_head(params, cfg), **_layer_settings(cfg, backend)["logits"])
+    return head(params, _hidden(params, inputs, cfg, backend, dropout_key, tap), cfg, backend, tap=tap)
 
 
 def loss_fn(params: Params, inputs, targets, cfg: GPTConfig, backend: str = "manual", *,
-            dropout_key: jax.Array | None = None) -> jax.Array:
+            dropout_key: jax.Array | None = None, tap: Tap | None = None) -> jax.Array:
     """Mean next-token cross-entropy over the counted targets (a target of -100 is ignored).
 
     ``jax.grad(loss_fn)`` runs the hand-written backwards with ``backend="manual"`` (the lean
@@ -302,6 +371,7 @@ def loss_fn(params: Params, inputs, targets, cfg: GPTConfig, backend: str = "man
         raise ValueError(f"targets must have the shape of inputs {tuple(inputs.shape)}, "
                          f"got {tuple(targets.shape)}")
     params = _compute_params(params, cfg)
-    x = _hidden(params, inputs, cfg, backend, dropout_key)
+    x = final_norm(params, _hidden(params, inputs, cfg, backend, dropout_key, tap), cfg, backend, tap=tap)
     w, b, adapters = _head(params, cfg)
-    return BACKENDS[backend].logits_loss(x, w, b, targets, adapters, **_layer_settings(cfg, backend)["loss"])
+    loss = BACKENDS[backend].logits_loss(x, w, b, targets, adapters, **_layer_settings(cfg, backend)["loss"])
+    return _tapped(tap, "logits+loss", loss)
