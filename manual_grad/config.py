@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["GPTConfig", "LoRAConfig", "LORA_TARGETS", "PRESETS", "SCALE_CONVENTIONS", "lora_scale",
-           "check_int"]
+__all__ = ["GPTConfig", "LoRAConfig", "LORA_TARGETS", "PRESETS", "SCALE_CONVENTIONS", "BACKWARDS", "lora_scale",
+           "check_int", "check_choice"]
 
 # Where LoRA adapters can be attached: attention q, k, v and output projection,
 # MLP expand ("fc") and contract ("proj"), and the logits layer.
@@ -19,9 +19,11 @@ HALF_DTYPES = ("bfloat16", "float16")
 # "paper": the paper's formulas verbatim, saving ρ, the logits and x̂.
 BACKWARDS = ("lean", "paper")
 # Where the lean attention core and the logits + loss run: "pallas" (manual_grad.kernels: fused
-# kernels with hand-written backwards; interpreted on CPU), "xla" (the layers' own lean path),
-# "auto" (Pallas on GPU and TPU, XLA on CPU).
-KERNELS = ("xla", "pallas", "auto")
+# kernels with hand-written backwards; interpreted on CPU), "cpu" (the fused C++ attention kernel
+# of manual_grad.kernels.cpu_attention, built on first use; CPU backend only), "xla" (the layers'
+# own lean path), "auto" (Pallas on GPU and TPU; on CPU the C++ attention where it can be built
+# and the dtype is float32/float64, else XLA).
+KERNELS = ("xla", "pallas", "cpu", "auto")
 # LoRA's factor s of s · x A B: alpha / rank (original LoRA paper, PEFT) or alpha (the paper's).
 SCALE_CONVENTIONS = ("alpha/rank", "alpha")
 
@@ -29,6 +31,11 @@ SCALE_CONVENTIONS = ("alpha/rank", "alpha")
 def _require(ok: bool, name: str, expected: str, got) -> None:
     if not ok:
         raise ValueError(f"{name} must be {expected}, got {got!r}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is one of ``choices``."""
+    _require(value in choices, name, f"one of {tuple(choices)}", value)
 
 
 def check_int(name: str, value, minimum: int = 1) -> None:
@@ -96,7 +103,7 @@ class GPTConfig:
     backward: str = "lean"        # manual backend: "lean" (flash attention, chunked loss) | "paper"
     attn_block_size: int = 128    # tile size of the lean attention (tokens)
     loss_chunk: int = 1024        # tokens per chunk of the lean logits + cross-entropy
-    kernels: str = "auto"         # "xla" | "pallas" | "auto" (Pallas on GPU/TPU, XLA on CPU)
+    kernels: str = "auto"         # "xla" | "pallas" | "cpu" | "auto" (see KERNELS)
     lora: LoRAConfig | None = None
 
     def __post_init__(self):

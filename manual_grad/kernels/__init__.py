@@ -10,25 +10,36 @@ from __future__ import annotations
 
 import jax
 
+from manual_grad.kernels.cpu_attention import available as cpu_attention_available
+from manual_grad.kernels.cpu_attention import cpu_attention, cpu_attention_ref
 from manual_grad.kernels.flash_attention import flash_attention, flash_attention_ref
 from manual_grad.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 
-__all__ = ["flash_attention", "flash_attention_ref", "linear_cross_entropy",
+__all__ = ["cpu_attention", "cpu_attention_ref", "cpu_attention_available", "flash_attention",
+           "flash_attention_ref", "linear_cross_entropy",
            "linear_cross_entropy_ref", "resolve", "select"]
 
 
-def resolve(kernels: str, backend: str | None = None) -> str:
-    """``"pallas"`` or ``"xla"`` for a config's ``kernels`` setting: ``"auto"`` is Pallas on a
-    GPU or TPU and XLA on CPU (``backend``: a JAX backend name, default the current one)."""
+def resolve(kernels: str, backend: str | None = None, dtype: str = "float32") -> str:
+    """``"pallas"``, ``"cpu"`` or ``"xla"`` for a config's ``kernels`` setting: ``"auto"`` is
+    Pallas on a GPU or TPU, and on a CPU the C++ attention kernel where it serves ``dtype``
+    (built, float32/float64), else XLA (``backend``: a JAX backend name, default the current)."""
     if kernels != "auto":
         return kernels
-    return "pallas" if (backend or jax.default_backend()) in ("gpu", "cuda", "tpu") else "xla"
+    backend = backend or jax.default_backend()
+    if backend in ("gpu", "cuda", "tpu"):
+        return "pallas"
+    return "cpu" if backend == "cpu" and cpu_attention_available(dtype) else "xla"
 
 
 def select(kernels: str, dtype: str = "float32") -> dict:
-    """The layers' ``core`` settings for a ``kernels`` setting: the Pallas ops, or ``None``
-    (the layers' own XLA lean path). float64 always takes the XLA path: the kernels
-    accumulate in float32."""
-    pallas = resolve(kernels) == "pallas" and dtype != "float64"
+    """The layers' ``core`` settings for a ``kernels`` setting: the Pallas ops, the C++ CPU
+    attention (the loss keeps its XLA path), or ``None`` (the layers' own XLA lean path).
+    float64 takes the XLA path under Pallas (its kernels accumulate in float32); the C++
+    kernel computes in the input's dtype, float64 included."""
+    chosen = resolve(kernels, dtype=dtype)
+    if chosen == "cpu":
+        return {"attention": cpu_attention, "loss": None}
+    pallas = chosen == "pallas" and dtype != "float64"
     return {"attention": flash_attention if pallas else None,
             "loss": linear_cross_entropy if pallas else None}
