@@ -18,7 +18,7 @@ from benchmarks.compiled import hlo_census, memory_bytes, top_level_buffers
 __all__ = ["main"]
 
 def _compiled_pair(args):
-    from benchmarks.run import bench_config
+    from benchmarks.train_step import bench_config
     cfg = bench_config(args.preset, args.seq_len, {"dtype": args.dtype})
     if args.step:
         from benchmarks.train_step import make_optimizer, make_train_step, random_batch

@@ -21,8 +21,7 @@ __all__ = ["measure_step_peak", "step_peak_in_subprocess"]
 
 def measure_step_peak(spec: dict) -> int | None:
     """Runs one training step described by ``spec`` and returns the device's peak bytes."""
-    from benchmarks.run import bench_config
-    from benchmarks.train_step import make_optimizer, make_train_step, random_batch
+    from benchmarks.train_step import bench_config, make_optimizer, make_train_step, random_batch
     from manual_grad import init_params
 
     cfg = bench_config(spec["preset"], spec["seq_len"], spec.get("overrides", {}))

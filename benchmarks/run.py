@@ -28,7 +28,7 @@ from benchmarks import hardware
 from benchmarks.compiled import compile_timed, hlo_census, memory_bytes, saved_residuals
 from benchmarks.layer_cases import layer_cases
 from benchmarks.timing import ratio, summarise, time_interleaved
-from benchmarks.train_step import (OPTIMIZER, make_optimizer, make_train_step, random_batch,
+from benchmarks.train_step import (OPTIMIZER, bench_config, make_optimizer, make_train_step, random_batch,
                                    train_flops_per_token)
 from manual_grad import GPTConfig, count_params, init_params
 
@@ -120,15 +120,6 @@ def parse_overrides(items: list[str]) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
-
-
-def bench_config(preset: str, seq_len: int, overrides: dict) -> GPTConfig:
-    """The preset with dropout off (both backends and the peers run the same deterministic
-    function), ``block_size`` raised to ``seq_len`` when shorter (only the position table
-    grows), then the ``--set`` overrides."""
-    cfg = GPTConfig.preset(preset, dropout=0.0)
-    cfg = cfg.replace(block_size=max(cfg.block_size, seq_len))
-    return cfg.replace(**overrides) if overrides else cfg
 
 
 def _ratio_or_none(a: float, b: float):

@@ -11,11 +11,14 @@ is not discounted).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from manual_grad import GPTConfig, count_params, loss_fn
+from manual_grad import GPTConfig, count_params
+from manual_grad.training.step import train_step
 
-__all__ = ["OPTIMIZER", "make_optimizer", "make_train_step", "train_flops_per_token", "random_batch"]
+__all__ = ["OPTIMIZER", "make_optimizer", "make_train_step", "bench_config", "train_flops_per_token",
+           "random_batch"]
 
 # AdamW as nanoGPT trains GPT-2; the PyTorch peer uses the same numbers.
 OPTIMIZER = dict(learning_rate=6e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
@@ -26,12 +29,23 @@ def make_optimizer() -> optax.GradientTransformation:
 
 
 def make_train_step(cfg: GPTConfig, backend: str, optimizer: optax.GradientTransformation):
-    """``step(params, opt_state, inputs, targets) -> (params, opt_state, loss)`` (not jitted)."""
+    """``step(params, opt_state, inputs, targets) -> (params, opt_state, loss)`` (not jitted):
+    the trainer's own step (:func:`manual_grad.training.step.train_step`), without dropout;
+    under ``jit`` the metrics it does not return cost nothing."""
     def step(params, opt_state, inputs, targets):
-        loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets, cfg, backend)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        state = {"params": params, "opt_state": opt_state, "step": jnp.int32(0)}
+        state, metrics = train_step(state, (inputs, targets), None, cfg=cfg, optimizer=optimizer, backend=backend)
+        return state["params"], state["opt_state"], metrics["loss"]
     return step
+
+
+def bench_config(preset: str, seq_len: int, overrides: dict) -> GPTConfig:
+    """The preset with dropout off (both backends and the peers run the same deterministic
+    function), ``block_size`` raised to ``seq_len`` when shorter (only the position table
+    grows), then the ``--set`` overrides."""
+    cfg = GPTConfig.preset(preset, dropout=0.0)
+    cfg = cfg.replace(block_size=max(cfg.block_size, seq_len))
+    return cfg.replace(**overrides) if overrides else cfg
 
 
 def train_flops_per_token(cfg: GPTConfig, seq_len: int) -> int:

@@ -1,5 +1,5 @@
 """Shared machinery of the experiments: command line, character-level data, a small seeded
-AdamW training loop on :func:`manual_grad.loss_fn`, timing, and result writing.
+AdamW training loop on the trainer's step (:func:`manual_grad.training.step.train_step`), timing, and result writing.
 
 Every experiment script is ``python -m experiments.<name> [--quick] [--out DIR] [--data FILE]``
 and writes ``<out>/<name>.json`` (and PNGs) from what it actually ran.
@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import time
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -20,9 +21,11 @@ import optax
 
 import manual_grad
 from manual_grad import loss_fn
+from manual_grad.training.step import init_state, train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DATA = Path("/work/shared/data/tinyshakespeare.txt")
+# tinyshakespeare (nanoGPT's character-level corpus), relative to the repository; or --data FILE.
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 # --- command line and results -------------------------------------------------------------
@@ -138,13 +141,8 @@ def train(params, cfg, train_ids, val_batches, *, steps, batch, lr=1e-3, weight_
     The batch order depends only on ``seed``, so runs that differ in one setting see the same data.
     """
     opt = make_optimizer(lr, weight_decay, trainable)
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, cfg, backend)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
+    state = init_state(params, opt)
+    step = jax.jit(partial(train_step, cfg=cfg, optimizer=opt, backend=backend))     # the trainer's step
 
     val_loss = jax.jit(lambda p, x, y: loss_fn(p, x, y, cfg, backend))
 
@@ -158,6 +156,7 @@ def train(params, cfg, train_ids, val_batches, *, steps, batch, lr=1e-3, weight_
     for i in range(steps + 1):
         if i % eval_every == 0 or i == steps:
             curves["step"].append(i)
+            params = state["params"]
             curves["val_loss"].append(evaluate(params))
             curves["train_loss"].append(float(np.mean(recent)) if recent else curves["val_loss"][-1])
             for name, f in (track or {}).items():
@@ -166,10 +165,10 @@ def train(params, cfg, train_ids, val_batches, *, steps, batch, lr=1e-3, weight_
         if i == steps:
             break
         x, y = sample_batch(train_ids, batch, cfg.block_size, rng)
-        params, state, loss = step(params, state, x, y)
-        recent.append(float(loss))
+        state, metrics = step(state, (x, y), None)
+        recent.append(float(metrics["loss"]))
     curves["seconds"] = time.perf_counter() - t0
-    return curves, params
+    return curves, state["params"]
 
 
 def time_call(fn, *args, repeats=5) -> float:

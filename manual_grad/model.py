@@ -231,17 +231,18 @@ def _compute_params(params: Params, cfg: GPTConfig) -> Params:
 def _layer_settings(cfg: GPTConfig, backend: str) -> dict[str, dict]:
     """Static settings of each op: the lean or the paper backward for the manual backend."""
     lean = backend == "manual" and cfg.backward == "lean"
+    backward = "lean" if lean else "paper"
     s = cfg.lora.scale if cfg.lora is not None else 1.0
     core = kernels.select(cfg.kernels if lean else "xla", cfg.dtype)     # Pallas cores, or None
     return {
-        "layernorm": dict(eps=cfg.ln_eps, recompute=lean),
+        "layernorm": dict(eps=cfg.ln_eps, backward=backward),
         "attention": dict(n_head=cfg.n_head, causal=cfg.causal, lora_scale=s,
-                          block_size=cfg.attn_block_size if lean else None, core=core["attention"]),
+                          backward=backward, tile=cfg.attn_block_size, core=core["attention"]),
         "mlp": dict(activation=cfg.activation, lora_scale=s),
         "logits": dict(tied=cfg.tied_embeddings, lora_scale=s),
         # chunking pays only when a token's logits are larger than its hidden state
         "loss": dict(tied=cfg.tied_embeddings, lora_scale=s,
-                     chunk=cfg.loss_chunk if lean and cfg.vocab_size > cfg.n_embd else None,
+                     backward=backward if cfg.vocab_size > cfg.n_embd else "paper", chunk=cfg.loss_chunk,
                      core=core["loss"]),
     }
 

@@ -163,3 +163,9 @@ def train_config(**flat):
     optim = {k: flat.pop(k) for k in list(flat) if k in names[OptimizerConfig]}
     lora = {k[5:]: flat.pop(k) for k in list(flat) if k.startswith("lora_")}
     return TrainConfig(model=model, optim=OptimizerConfig(**optim), lora=LoRAConfig(**lora) if lora else None, **flat)
+
+
+def backward_settings(size_name: str, size) -> dict:
+    """An op's backward settings from a tile / chunk size: None is the paper's backward,
+    a size the lean one with that size (``tile=`` for attention, ``chunk=`` for the loss)."""
+    return {"backward": "paper"} if size is None else {"backward": "lean", size_name: size}

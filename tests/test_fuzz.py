@@ -17,7 +17,8 @@ from manual_grad.layers.attention import attention, attention_ref
 from manual_grad.layers.layernorm import layernorm, layernorm_ref
 from manual_grad.layers.loss import IGNORE_INDEX, logits_loss, logits_loss_ref
 from manual_grad.layers.mlp import mlp, mlp_ref
-from tests.helpers import assert_trees_close, assert_vjp_matches, both_backends, normal, random_tree
+from tests.helpers import (assert_trees_close, assert_vjp_matches, backward_settings, both_backends, normal,
+                           random_tree)
 
 COMPILING = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
@@ -45,11 +46,11 @@ def layer_cases(draw):
     x = n(B, T, C)
     if kind == "layernorm":
         return layernorm, layernorm_ref, (x, n(C), n(C)), dict(
-            eps=draw(st.sampled_from([1e-5, 1e-2])), recompute=draw(st.booleans()))
+            eps=draw(st.sampled_from([1e-5, 1e-2])), backward=draw(st.sampled_from(["paper", "lean"])))
     if kind == "attention":
         block = draw(st.sampled_from([None, 1, 2, 4]))
         return attention, attention_ref, (x, n(C, 3 * C), b(3 * C), n(C, C), b(C), {}), dict(
-            n_head=H, causal=draw(st.booleans()), block_size=block)
+            n_head=H, causal=draw(st.booleans()), **backward_settings("tile", block))
     if kind == "mlp":
         F = draw(st.integers(1, 8))
         return mlp, mlp_ref, (x, n(C, F), b(F), n(F, C), b(C), {}), dict(
@@ -59,7 +60,7 @@ def layer_cases(draw):
     targets = jnp.where(jax.random.uniform(next(k), (B, T)) < draw(st.sampled_from([0.0, 0.5, 1.0])),
                         IGNORE_INDEX, targets)
     return logits_loss, logits_loss_ref, (x, n(V, C) if tied else n(C, V), None if tied else b(V), targets, {}), dict(
-        tied=tied, chunk=draw(st.sampled_from([None, 1, 3, 16])))
+        tied=tied, **backward_settings("chunk", draw(st.sampled_from([None, 1, 3, 16]))))
 
 
 def check_layer(case):

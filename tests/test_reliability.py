@@ -10,7 +10,7 @@ from manual_grad.layers.attention import attention, attention_ref
 from manual_grad.layers.layernorm import layernorm, layernorm_ref
 from manual_grad.layers.loss import IGNORE_INDEX, logits_loss, logits_loss_ref
 from manual_grad.model import BACKENDS
-from tests.helpers import assert_vjp_matches, normal, random_tree, rel_err, vjp_both
+from tests.helpers import assert_vjp_matches, backward_settings, normal, random_tree, rel_err, vjp_both
 
 CFG = GPTConfig(vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=8, attn_block_size=4, loss_chunk=8)
 value_and_grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(3, 4))
@@ -44,18 +44,18 @@ def test_logits_of_magnitude_1e4_give_the_exact_finite_loss(chunk, tied):
     assert 5e3 < np.abs(z).max() < 1e5                                     # the regime under test
     lse = np.logaddexp.reduce(z, axis=-1)                                  # float64, independent
     expected = np.mean(lse - np.take_along_axis(z, np.asarray(targets)[..., None], -1)[..., 0])
-    settings = dict(tied=tied, chunk=chunk)
+    settings = dict(tied=tied, **backward_settings("chunk", chunk))
     assert abs(float(logits_loss(x, w, None, targets, {}, **settings)) - expected) <= 1e-5 * expected
     grads = assert_vjp_matches(logits_loss, logits_loss_ref, (x, w, None, targets, {}), settings, rtol=1e-4)
     assert _all_finite(grads)
 
 
-@pytest.mark.parametrize("block_size", [pytest.param(None, marks=pytest.mark.slow), 2])
-def test_attention_scores_of_magnitude_1e4_are_finite(block_size):
+@pytest.mark.parametrize("tile", [pytest.param(None, marks=pytest.mark.slow), 2])
+def test_attention_scores_of_magnitude_1e4_are_finite(tile):
     args = _attention_args(jax.random.key(1), 2, 5, 8, scale=60.0)
     q, k = np.split(np.float64(args[0]) @ np.float64(args[1]) + np.float64(args[2]), 3, axis=-1)[:2]
     assert np.abs(q[..., :4] @ k[..., :4].swapaxes(-1, -2)).max() / 2 > 1e4   # head 0's scaled scores
-    settings = dict(n_head=2, causal=True, block_size=block_size)
+    settings = dict(n_head=2, causal=True, **backward_settings("tile", tile))
     grads = assert_vjp_matches(attention, attention_ref, args, settings, rtol=1e-4)
     assert _all_finite(attention(*args, **settings)) and _all_finite(grads)
 
@@ -67,24 +67,24 @@ def _with_constant_row(key, dtype="float32"):
     return x.at[1, 2].set(0.75)                                             # one constant row
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_layernorm_constant_row_with_eps_is_finite_and_gives_the_bias(recompute):
+@pytest.mark.parametrize("backward", ["paper", "lean"])
+def test_layernorm_constant_row_with_eps_is_finite_and_gives_the_bias(backward):
     k = jax.random.split(jax.random.key(2), 3)
     x, scale, bias = _with_constant_row(k[0]), normal(k[1], (8,), "float32"), normal(k[2], (8,), "float32")
-    settings = dict(eps=1e-5, recompute=recompute)
+    settings = dict(eps=1e-5, backward=backward)
     y = layernorm(x, scale, bias, **settings)
     np.testing.assert_array_equal(y[1, 2], bias)                            # x̂ = 0 exactly
     grads = assert_vjp_matches(layernorm, layernorm_ref, (x, scale, bias), settings)
     assert _all_finite(y) and _all_finite(grads)
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_layernorm_constant_row_with_eps_0_is_nan_in_that_row_only(recompute):
+@pytest.mark.parametrize("backward", ["paper", "lean"])
+def test_layernorm_constant_row_with_eps_0_is_nan_in_that_row_only(backward):
     """Documented: with eps = 0 a constant row has σ = 0, and x̂ = 0/0 is NaN (the paper's
     formula, in both backends); every other row, and its gradient, is unaffected."""
     k = jax.random.split(jax.random.key(3), 3)
     x, scale, bias = _with_constant_row(k[0]), normal(k[1], (8,), "float32"), normal(k[2], (8,), "float32")
-    settings = dict(eps=0.0, recompute=recompute)
+    settings = dict(eps=0.0, backward=backward)
     y, y_ref, (dx, _, _), (dx_ref, _, _) = vjp_both(layernorm, layernorm_ref, (x, scale, bias), settings,
                                                      jax.random.key(4))
     bad = np.zeros(x.shape[:2], bool)
@@ -96,12 +96,12 @@ def test_layernorm_constant_row_with_eps_0_is_nan_in_that_row_only(recompute):
 
 # --- attention rows with a single visible key ---------------------------------------------------
 
-@pytest.mark.parametrize("T, block_size", [(1, None), (4, 2), pytest.param(1, 2, marks=pytest.mark.slow),
+@pytest.mark.parametrize("T, tile", [(1, None), (4, 2), pytest.param(1, 2, marks=pytest.mark.slow),
                                            pytest.param(4, None, marks=pytest.mark.slow)])
-def test_attention_row_with_one_visible_key_returns_its_value(T, block_size):
+def test_attention_row_with_one_visible_key_returns_its_value(T, tile):
     """Causal row 0 sees only key 0: its softmax is exactly [1], so y_0 = v_0 W_o + b_o."""
     x, w_qkv, b_qkv, w_o, b_o, adapters = args = _attention_args(jax.random.key(5), 2, T, 8)
-    settings = dict(n_head=2, causal=True, block_size=block_size)
+    settings = dict(n_head=2, causal=True, **backward_settings("tile", tile))
     v0 = np.float64(x[:, 0]) @ np.float64(w_qkv[:, 16:]) + np.float64(b_qkv[16:])
     np.testing.assert_allclose(attention(*args, **settings)[:, 0], v0 @ np.float64(w_o) + np.float64(b_o),
                                rtol=1e-5, atol=1e-5)
@@ -150,11 +150,11 @@ def _half_cases(dtype):
     targets = jax.random.randint(k[1], (2, 5), 0, 11).at[0, 1].set(IGNORE_INDEX)
     return {
         "layernorm": (layernorm, layernorm_ref, (x, normal(k[2], (8,), dtype), normal(k[3], (8,), dtype)),
-                      dict(eps=1e-5, recompute=True)),
+                      dict(eps=1e-5, backward="lean")),
         "attention": (attention, attention_ref, _attention_args(k[2], 2, 5, 8, dtype),
-                      dict(n_head=2, causal=True, block_size=2)),
+                      dict(n_head=2, causal=True, backward="lean", tile=2)),
         "logits_loss": (logits_loss, logits_loss_ref, (x, normal(k[3], (11, 8), dtype), None, targets, {}),
-                        dict(tied=True, chunk=4)),
+                        dict(tied=True, backward="lean", chunk=4)),
     }
 
 

@@ -61,7 +61,7 @@ OPS = {
     "logits_tied": (logits, dict(x=f(B, T, C), w=f(V, C), b=None, adapters={}), dict(tied=True)),
     "logits": (logits, dict(x=f(B, T, C), w=f(C, V), b=f(V), adapters={}), dict(tied=False)),
     "logits_loss": (logits_loss, dict(x=f(B, T, C), w=f(C, V), b=f(V), targets=ids(B, T), adapters={}),
-                    dict(tied=False, chunk=2)),
+                    dict(tied=False, backward="lean", chunk=2)),
 }
 
 

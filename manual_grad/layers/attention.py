@@ -6,6 +6,8 @@ Forward:   out = ρ v                                                   (T, D)
 Backward:  dv = ρ^T Δ;   G = Δ v^T;   dS = (G - rowsum(G ∘ ρ)) ∘ ρ     (each row of dS sums to 0)
            dS_raw = dS / sqrt(D);   dq = dS_raw k;   dk = dS_raw^T q
 Masked entries need no special case: ρ is 0 there, so dS is 0 there.
+Tangent:   dS = (dq k^T + q dk^T) / sqrt(D);   dρ = (dS - rowsum(dS ∘ ρ)) ∘ ρ;   dout = dρ v + ρ dv
+           (dρ is the softmax backward applied to dS: the softmax Jacobian is symmetric)
 
 The layer: [q | k | v] = x W_qkv + b_qkv (columns of head h at h*D:(h+1)*D of each part);
 heads run side by side on a head axis; y = merge(heads) W_o + b_o. Its backward runs the output
@@ -14,10 +16,9 @@ The key bias gets exactly zero gradient: db_k = 1^T (dS_raw^T q) = (dS_raw 1)^T 
 every row of dS sums to 0 (q b_k^T shifts a row of scores by a constant, which softmax ignores).
 The backward writes that exact 0 instead of summing rounding noise.
 
-Two backwards, chosen by the static ``block_size``: ``None`` is the paper's, which saves ρ
-(B, H, T, T); an integer b is the flash-attention one, which saves only the per-row
-log-sum-exp (B, H, T) and recomputes ρ on (b, b) tiles, skipping tiles above the causal
-diagonal. Scores, softmax and accumulations run in at least float32.
+Two backwards, chosen by the static ``backward``: ``"paper"`` saves ρ (B, H, T, T);
+``"lean"`` is the flash-attention one, which saves only the per-row log-sum-exp (B, H, T)
+and recomputes ρ on (tile, tile) tiles, skipping tiles above the causal diagonal. Scores, softmax and accumulations run in at least float32.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from manual_grad.config import BACKWARDS, check_choice
 from manual_grad.layers.lora import lora_project_bwd, lora_project_fwd, lora_project_ref
 from manual_grad.vjp import manual_vjp
 
@@ -225,13 +227,13 @@ def _split_adapters(adapters):
 
 
 def attention_fwd(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, lora_scale=1.0,
-                  block_size=None, core=None):
+                  backward="paper", tile=128, core=None):
     """Multi-head self-attention ``y = attend(x W_qkv + b_qkv) W_o + b_o``.
 
     ``adapters``: optional LoRA adapters named "q", "k", "v" (on W_qkv's parts) and "o".
-    ``block_size=None`` (the paper's backward) saves x (B, T, C), q, k, v, the heads' output
-    (B, H, T, D) and ρ (B, H, T, T). ``block_size=b`` (flash) saves the same but the per-row
-    log-sum-exp (B, H, T) instead of ρ, and works on (b, b) tiles in both passes.
+    ``backward="paper"`` saves x (B, T, C), q, k, v, the heads' output (B, H, T, D) and
+    ρ (B, H, T, T). ``backward="lean"`` (flash) saves the same but the per-row log-sum-exp
+    (B, H, T) instead of ρ, and works on (tile, tile) tiles in both passes.
     ``core``: another op on (q, k, v) with the setting ``causal``, made by ``manual_vjp``
     (a Pallas kernel, :mod:`manual_grad.kernels`), whose fwd and bwd replace the core's; the
     layer saves its residuals.
@@ -241,15 +243,16 @@ def attention_fwd(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, l
     q, k, v = (split_heads(part, n_head) for part in jnp.split(qkv, 3, axis=-1))   # (B, H, T, D)
     if core is not None:
         heads, softmax_state = core.fwd(q, k, v, causal=causal)                      # the core's own
-    elif block_size is None:
+    elif backward == "paper":
         heads, softmax_state = attend_fwd(q, k, v, causal=causal)                    # ρ
     else:
-        heads, softmax_state = flash_attend_fwd(q, k, v, causal=causal, block=block_size)  # lse
+        heads, softmax_state = flash_attend_fwd(q, k, v, causal=causal, block=tile)  # lse
     y, xa_o = lora_project_fwd(merge_heads(heads), w_o, b_o, o_adapters, parts=("o",), scale=lora_scale)
     return y, (x, q, k, v, heads, softmax_state, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o)
+    check_choice("backward", backward, BACKWARDS)
 
 
-def attention_bwd(n_head, causal, lora_scale, block_size, core, residuals, dy):
+def attention_bwd(n_head, causal, lora_scale, backward, tile, core, residuals, dy):
     x, q, k, v, heads, softmax_state, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o = residuals
     qkv_adapters, o_adapters = _split_adapters(adapters)
     dmerged, dw_o, db_o, do_adapters = lora_project_bwd(
@@ -257,10 +260,10 @@ def attention_bwd(n_head, causal, lora_scale, block_size, core, residuals, dy):
     dheads = split_heads(dmerged, n_head)                                             # (B, H, T, D)
     if core is not None:
         dq, dk, dv = core.bwd(causal, softmax_state, dheads)
-    elif block_size is None:
+    elif backward == "paper":
         dq, dk, dv = attend_bwd(q, k, v, softmax_state, dheads)
     else:
-        dq, dk, dv = flash_attend_bwd(q, k, v, heads, softmax_state, dheads, causal=causal, block=block_size)
+        dq, dk, dv = flash_attend_bwd(q, k, v, heads, softmax_state, dheads, causal=causal, block=tile)
     dqkv = jnp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], -1)   # (B, T, 3C)
     dx, dw_qkv, db_qkv, dqkv_adapters = lora_project_bwd(
         x, w_qkv, b_qkv, qkv_adapters, xa_qkv, dqkv, parts=QKV, scale=lora_scale)
@@ -276,8 +279,8 @@ attention = manual_vjp(attention_fwd, attention_bwd, shapes=ATTENTION_SHAPES)
 
 
 def attention_ref(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, lora_scale=1.0,
-                  block_size=None, core=None):
-    """Plain-jnp twin of :func:`attention` (``block_size`` and ``core`` only change the manual op)."""
+                  backward="paper", tile=128, core=None):
+    """Plain-jnp twin of :func:`attention` (``backward``, ``tile`` and ``core`` only change the manual op)."""
     qkv_adapters, o_adapters = _split_adapters(adapters)
     qkv = lora_project_ref(x, w_qkv, b_qkv, qkv_adapters, parts=QKV, scale=lora_scale)
     q, k, v = (split_heads(part, n_head) for part in jnp.split(qkv, 3, axis=-1))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from manual_grad.vjp import manual_vjp
 
+from manual_grad.config import BACKWARDS, check_choice
 __all__ = ["layernorm", "layernorm_fwd", "layernorm_bwd", "layernorm_ref"]
 
 
@@ -32,22 +33,23 @@ def _normalise(x, eps):
     return (x.astype(mean.dtype) - mean) * rstd, rstd
 
 
-def layernorm_fwd(x, scale, bias, *, eps, recompute=False):
+def layernorm_fwd(x, scale, bias, *, eps, backward="paper"):
     """``y = x̂ ∘ scale + bias``, statistics in at least float32, y in x's dtype.
 
-    ``recompute=False`` (the paper's) saves x̂ (B, T, C) and 1/σ (B, T, 1); ``recompute=True``
+    ``backward="paper"`` saves x̂ (B, T, C) and 1/σ (B, T, 1); ``backward="lean"``
     saves x itself (in its own dtype, half the bytes of a float32 x̂ under bf16) with μ and 1/σ
     (B, T, 1), and rebuilds x̂ in the backward.
     """
     mean, rstd = _statistics(x, eps)
     xhat = (x.astype(mean.dtype) - mean) * rstd
+    check_choice("backward", backward, BACKWARDS)
     y = (xhat * scale + bias).astype(x.dtype)
-    return y, ((x, mean, rstd) if recompute else (xhat, rstd), scale)
+    return y, ((x, mean, rstd) if backward == "lean" else (xhat, rstd), scale)
 
 
-def layernorm_bwd(eps, recompute, residuals, dy):
+def layernorm_bwd(eps, backward, residuals, dy):
     saved, scale = residuals
-    if recompute:
+    if backward == "lean":
         x, mean, rstd = saved
         xhat = (x.astype(mean.dtype) - mean) * rstd
     else:
@@ -65,7 +67,7 @@ def layernorm_bwd(eps, recompute, residuals, dy):
 layernorm = manual_vjp(layernorm_fwd, layernorm_bwd, shapes=dict(x="... C", scale="C", bias="C"))
 
 
-def layernorm_ref(x, scale, bias, *, eps, recompute=False):
-    """Plain-jnp twin of :func:`layernorm` (``recompute`` only changes what the op saves)."""
+def layernorm_ref(x, scale, bias, *, eps, backward="paper"):
+    """Plain-jnp twin of :func:`layernorm` (``backward`` only changes what the op saves)."""
     xhat, _ = _normalise(x, eps)
     return (xhat * scale + bias).astype(x.dtype)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from manual_grad.layers.attention import tile_size
+from manual_grad.config import BACKWARDS, check_choice
 from manual_grad.layers.lora import lora_project_bwd, lora_project_fwd, lora_project_ref
 from manual_grad.vjp import manual_vjp
 
@@ -116,24 +117,24 @@ def _chunk_positions(targets, chunk):
     return tile_size(T, max(1, chunk // B))
 
 
-def _one_pass(targets, chunk):
-    """True when the logits are kept, not recomputed: ``chunk=None``, or one chunk would hold
+def _one_pass(targets, backward, chunk):
+    """True when the logits are kept, not recomputed: ``backward="paper"``, or one chunk would hold
     the whole batch. The backward needs a (B, T, V) Δ_z then anyway, and the loss's forward
     is the last op before its backward, so keeping z adds nothing to the peak and spares the
     GEMM that would recompute it. (XLA:CPU already merges that recomputation with the
     forward's product when the scan has one step, 3 GEMMs either way; this makes it hold
     whatever the compiler does.)"""
-    return chunk is None or _chunk_positions(targets, chunk) >= targets.shape[1]
+    return backward == "paper" or _chunk_positions(targets, chunk) >= targets.shape[1]
 
 
-def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=None, core=None):
+def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, backward="paper", chunk=1024, core=None):
     """Mean cross-entropy of ``z = x W_out + b`` against ``targets`` (-100 = ignored).
 
-    ``chunk=None`` (the paper's backward) saves x (B, T, C), the parameters and the logits
-    (B, T, V). ``chunk=c`` saves only the per-token log-sum-exp (B, T): both passes then run
-    over about c tokens at a time (all of the batch, c / B positions), so no (B, T, V) array
-    of logits or of their gradient ever exists. When one chunk would hold every token, the
-    logits are kept as with ``chunk=None`` (see :func:`_one_pass`). ``core``: an op on
+    ``backward="paper"`` saves x (B, T, C), the parameters and the logits (B, T, V).
+    ``backward="lean"`` saves only the per-token log-sum-exp (B, T): both passes then run
+    over about ``chunk`` tokens at a time (all of the batch, chunk / B positions), so no
+    (B, T, V) array of logits or of their gradient ever exists. When one chunk would hold
+    every token, the logits are kept as with ``"paper"`` (see :func:`_one_pass`). ``core``: an op on
     (x, w, b, targets) with the setting ``tied``, made by ``manual_vjp`` (a fused Pallas
     kernel, :mod:`manual_grad.kernels`), used instead when there is no adapter; the layer
     saves its residuals.
@@ -143,10 +144,11 @@ def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=N
         loss, core_residuals = core.fwd(x, w, b, targets, tied=tied)
         return loss, (x, w, b, targets, adapters, None, core_residuals)
     n = _counted(targets)[1]
-    if _one_pass(targets, chunk):
+    if _one_pass(targets, backward, chunk):
         z, (_, _, _, _, xa) = logits_fwd(x, w, b, adapters, tied=tied, lora_scale=lora_scale)
         lse, nll = _token_nll(z, targets)
         return nll.sum() / n, (x, w, b, targets, adapters, xa, (z, lse))
+    check_choice("backward", backward, BACKWARDS)
 
     w_out, size = _out_weight(w, tied), _chunk_positions(targets, chunk)
 
@@ -161,13 +163,13 @@ def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=N
     return total / n, (x, w, b, targets, adapters, None, _unchunk(lse, targets.shape[1]))    # lse: (B, T)
 
 
-def logits_loss_bwd(tied, lora_scale, chunk, core, residuals, dloss):
+def logits_loss_bwd(tied, lora_scale, backward, chunk, core, residuals, dloss):
     x, w, b, targets, adapters, xa, softmax_state = residuals
     if core is not None and not adapters:
         dx, dw, db, _ = core.bwd(tied, softmax_state, dloss)
         return dx, dw, db, None, adapters
     scale = dloss / _counted(targets)[1]
-    if _one_pass(targets, chunk):
+    if _one_pass(targets, backward, chunk):
         z, lse = softmax_state
         dz = _dlogits(z, lse, targets, scale)                                        # Δ_z: (B, T, V)
         dx, dw, db, dadapters = logits_bwd(tied, lora_scale, (x, w, b, adapters, xa), dz)
@@ -194,7 +196,7 @@ logits_loss = manual_vjp(logits_loss_fwd, logits_loss_bwd,
                          shapes=lambda tied, **_: _head_shapes(tied, "B T C", targets="int B T"))
 
 
-def logits_loss_ref(x, w, b, targets, adapters, *, tied, lora_scale=1.0, chunk=None, core=None):
-    """Plain-jnp twin of :func:`logits_loss` (``chunk`` and ``core`` only change the manual op)."""
+def logits_loss_ref(x, w, b, targets, adapters, *, tied, lora_scale=1.0, backward="paper", chunk=1024, core=None):
+    """Plain-jnp twin of :func:`logits_loss` (``backward``, ``chunk`` and ``core`` only change the manual op)."""
     z = logits_ref(x, w, b, adapters, tied=tied, lora_scale=lora_scale)
     return _token_nll(z, targets)[1].sum() / _counted(targets)[1]

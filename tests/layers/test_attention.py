@@ -5,8 +5,8 @@ import pytest
 
 from manual_grad.layers.attention import (attend_fwd, attention, attention_fwd, attention_ref,
                                           softmax_bwd, split_heads)
-from tests.helpers import (assert_vjp_matches, check_finite_differences, normal, pairwise_cases,
-                           vjp_both)
+from tests.helpers import (assert_vjp_matches, backward_settings, check_finite_differences, normal,
+                           pairwise_cases, vjp_both)
 
 ADAPTER_SETS = [(), ("q", "v"), ("q", "k", "v", "o")]
 
@@ -22,30 +22,30 @@ def attention_inputs(dtype, B, T, C, bias=True, adapters=(), rank=2, scale=0.5):
 @pytest.mark.parametrize("case", pairwise_cases(
     dtype=["float64", "float32"], heads_width=[(1, 4), (2, 8), (4, 4), (8, 16)],   # (4, 4): head size 1
     batch_length=[(1, 1), (3, 7)], causal=[True, False], bias=[True, False],
-    adapters=ADAPTER_SETS, block_size=[None, 3, 16]))
+    adapters=ADAPTER_SETS, tile=[None, 3, 16]))
 def test_attention_vjp_matches_autodiff(x64, case):
-    """Both backwards: the paper's (block_size=None, saves ρ) and the tiled flash one."""
+    """Both backwards: the paper's (backward="paper", saves ρ) and the tiled flash one."""
     (n_head, C), (B, T) = case["heads_width"], case["batch_length"]
     inputs = attention_inputs(case["dtype"], B, T, C, case["bias"], case["adapters"])
     assert_vjp_matches(attention, attention_ref, inputs, dict(
-        n_head=n_head, causal=case["causal"], lora_scale=2.0, block_size=case["block_size"]))
+        n_head=n_head, causal=case["causal"], lora_scale=2.0, **backward_settings("tile", case["tile"])))
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("block_size", [None, 2])
-def test_attention_finite_differences(x64, causal, block_size):
+@pytest.mark.parametrize("tile", [None, 2])
+def test_attention_finite_differences(x64, causal, tile):
     check_finite_differences(attention, attention_inputs("float64", 1, 3, 4, adapters=("k", "o")),
-                             dict(n_head=2, causal=causal, block_size=block_size))
+                             dict(n_head=2, causal=causal, **backward_settings("tile", tile)))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("block_size", [None, 4])
-def test_key_bias_gradient_is_exactly_zero(x64, dtype, block_size):
+@pytest.mark.parametrize("tile", [None, 4])
+def test_key_bias_gradient_is_exactly_zero(x64, dtype, tile):
     """db_k = (dS_raw 1)^T q = 0: the manual backward gives exactly 0, autodiff only rounding."""
     C = 8
     inputs = attention_inputs(dtype, 3, 6, C)
     _, _, grads, grads_ref = vjp_both(attention, attention_ref, inputs,
-                                      dict(n_head=2, block_size=block_size), jax.random.key(7))
+                                      dict(n_head=2, **backward_settings("tile", tile)), jax.random.key(7))
     db_qkv, db_qkv_ref = grads[2], grads_ref[2]
     assert np.all(np.asarray(db_qkv[C:2 * C]) == 0)
     assert np.abs(np.asarray(db_qkv_ref[C:2 * C])).max() < 1e-5 * np.abs(np.asarray(db_qkv_ref)).max()
@@ -71,8 +71,8 @@ def test_flash_attention_saves_no_score_matrix(causal):
     """The lean forward's residuals hold nothing of size T x T; the paper's hold ρ."""
     T, block = 64, 16
     inputs = attention_inputs("float32", 1, T, 8)
-    for block_size, expect_square in ((None, True), (block, False)):
-        _, residuals = attention_fwd(*inputs, n_head=2, causal=causal, block_size=block_size)
+    for tile, expect_square in ((None, True), (block, False)):
+        _, residuals = attention_fwd(*inputs, n_head=2, causal=causal, **backward_settings("tile", tile))
         square = [r.shape for r in jax.tree.leaves(residuals) if r.ndim >= 2 and r.shape[-2:] == (T, T)]
         assert bool(square) == expect_square, square
 

@@ -15,16 +15,16 @@ def _inputs(dtype, shape):
 
 @pytest.mark.parametrize("case", pairwise_cases(
     dtype=["float64", "float32"], eps=[0.0, 1e-5], shape=[(1, 1, 3), (3, 5, 8), (2, 4, 33)],
-    recompute=[False, True]))
+    backward=["paper", "lean"]))
 def test_layernorm_vjp_matches_autodiff(x64, case):
     assert_vjp_matches(layernorm, layernorm_ref, _inputs(case["dtype"], case["shape"]),
-                       dict(eps=case["eps"], recompute=case["recompute"]))
+                       dict(eps=case["eps"], backward=case["backward"]))
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-5])
-@pytest.mark.parametrize("recompute", [False, True])
-def test_layernorm_finite_differences(x64, eps, recompute):
-    check_finite_differences(layernorm, _inputs("float64", (2, 3, 6)), dict(eps=eps, recompute=recompute))
+@pytest.mark.parametrize("backward", ["paper", "lean"])
+def test_layernorm_finite_differences(x64, eps, backward):
+    check_finite_differences(layernorm, _inputs("float64", (2, 3, 6)), dict(eps=eps, backward=backward))
 
 
 def test_layernorm_tokens_are_independent(x64):

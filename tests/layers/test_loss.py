@@ -5,7 +5,8 @@ import pytest
 
 from manual_grad.layers.loss import (IGNORE_INDEX, logits, logits_loss, logits_loss_fwd,
                                      logits_loss_ref, logits_ref)
-from tests.helpers import assert_vjp_matches, check_finite_differences, normal, pairwise_cases
+from tests.helpers import (assert_vjp_matches, backward_settings, check_finite_differences, normal,
+                           pairwise_cases)
 
 
 def _inputs(dtype, B, T, C, V, tied, bias, adapters=False, rank=3, ignore=0.0, seed=0):
@@ -25,12 +26,12 @@ CASES = [dict(tied=True, bias=False), dict(tied=False, bias=False), dict(tied=Fa
     dtype=["float64", "float32"], head=CASES, adapters=[False, True],
     shape=[(1, 1, 2), (3, 5, 11)], ignore=[0.0, 0.5], chunk=[None, 4, 64]))
 def test_logits_loss_vjp_matches_autodiff(x64, case):
-    """Both backwards: the paper's (chunk=None, saves the logits) and the chunked one."""
+    """Both backwards: the paper's (backward="paper", saves the logits) and the chunked one."""
     (B, T, V), head = case["shape"], case["head"]
     inputs = _inputs(case["dtype"], B, T, 6, V, head["tied"], head["bias"], case["adapters"],
                      ignore=case["ignore"])
     assert_vjp_matches(logits_loss, logits_loss_ref, inputs,
-                       dict(tied=head["tied"], lora_scale=0.7, chunk=case["chunk"]))
+                       dict(tied=head["tied"], lora_scale=0.7, **backward_settings("chunk", case["chunk"])))
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -38,7 +39,7 @@ def test_chunked_loss_saves_no_logits(tied):
     """The chunked forward keeps only the per-token log-sum-exp: no residual has V columns."""
     B, T, C, V = 2, 8, 6, 50
     x, w, b, targets, lora = _inputs("float32", B, T, C, V, tied, not tied)
-    _, residuals = logits_loss_fwd(x, w, b, targets, lora, tied=tied, chunk=4)
+    _, residuals = logits_loss_fwd(x, w, b, targets, lora, tied=tied, backward="lean", chunk=4)
     saved = [r for r in jax.tree.leaves(residuals) if r is not w and r is not b]
     assert all(V not in r.shape for r in saved), [r.shape for r in saved]
     _, paper = logits_loss_fwd(x, w, b, targets, lora, tied=tied)
@@ -55,7 +56,7 @@ def test_logits_vjp_matches_autodiff(x64, dtype, case):
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_logits_loss_finite_differences(x64, chunk):
     check_finite_differences(logits_loss, _inputs("float64", 2, 3, 4, 5, False, True, True, ignore=0.3),
-                             dict(tied=False, chunk=chunk))
+                             dict(tied=False, **backward_settings("chunk", chunk)))
 
 
 def test_loss_is_mean_over_counted_tokens(x64):
@@ -72,7 +73,7 @@ def test_loss_is_mean_over_counted_tokens(x64):
 def test_all_targets_ignored_gives_zero_loss_and_gradient(x64, chunk):
     x, w, b, targets, _ = _inputs("float64", 2, 3, 4, 5, False, True)
     targets = jnp.full_like(targets, IGNORE_INDEX)
-    loss, grads = jax.value_and_grad(lambda *a: logits_loss(*a, targets, {}, tied=False, chunk=chunk),
+    loss, grads = jax.value_and_grad(lambda *a: logits_loss(*a, targets, {}, tied=False, **backward_settings("chunk", chunk)),
                                      (0, 1, 2))(x, w, b)
     assert float(loss) == 0.0 and all(np.all(np.asarray(g) == 0) for g in grads)
 
@@ -91,6 +92,6 @@ def test_logits_gradient_starts_from_softmax_minus_onehot(x64):
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_large_logits_do_not_overflow(x64, chunk):
     x, w, b, targets, _ = _inputs("float32", 2, 3, 4, 5, False, True)
-    loss, grads = jax.value_and_grad(lambda *a: logits_loss(*a, targets, {}, tied=False, chunk=chunk),
+    loss, grads = jax.value_and_grad(lambda *a: logits_loss(*a, targets, {}, tied=False, **backward_settings("chunk", chunk)),
                                      (0, 1, 2))(x * 1e4, w, b)
     assert np.isfinite(float(loss)) and all(np.all(np.isfinite(np.asarray(g))) for g in grads)
