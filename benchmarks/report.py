@@ -272,7 +272,7 @@ cancels in the ratios; medians with quartiles. Training FLOPs per token = 6N + 1
 (N without the position table); MFU = FLOPs/token × tokens/s ÷ the stated peak (CPU:
 cores × clock × FLOPs/cycle; GPU: the data sheet's dense peak, TF32 for float32).
 Dropout is off everywhere (the peers run the same deterministic function). The timed JAX
-step donates the parameters and AdamW state, as `manual_grad.train` does, so they are updated
+step donates the parameters and AdamW state, as `manual_grad.training` does, so they are updated
 in place like the PyTorch peers' (without donation every step writes 3x the parameters' bytes
 to fresh buffers: 0.3 s of a 1.7 s GPT-2 step at B=1, T=128 here); the memory columns come
 from the same step compiled without donation, so that `temp` is the activations.
