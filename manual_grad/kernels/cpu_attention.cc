@@ -1,9 +1,9 @@
 // Fused causal/full multi-head attention for CPUs, forward and hand-written backward, called
 // from JAX through the XLA FFI (manual_grad/kernels/cpu_attention.py builds and registers it).
 //
-// Layout: q, k, v, out and their cotangents have the logical shape (B, H, T, D) of split heads
-// but are laid out (B, T, H, D) in memory, the layout of the projection x W_qkv that produces
-// them and of the merged heads that W_o consumes: XLA hands them over without transposing.
+// Layout: q, k, v, out and their cotangents are time-major, (B, T, H, D): the layout of the
+// projection x W_qkv that produces them and of the merged heads that W_o consumes, so XLA hands
+// them over without transposing. lse is (B, H, T).
 //
 // One head, S = q k^T / sqrt(D), rho = softmax(mask(S)) row by row, Delta = dL/dout:
 //   forward:  out = rho v; saves out and lse = m + log sum_j exp(S_ij - m)  (B, H, T)
@@ -370,16 +370,16 @@ void attention_backward(ffi::ThreadPool& pool, const T* q, const T* k, const T* 
   });
 }
 
-// --- FFI bindings: arrays are (..., H, T, D) in logical shape, laid out (..., T, H, D) -------
+// --- FFI bindings: q, k, v, out, dout, dq, dk, dv (..., T, H, D); lse (..., H, T) ------------
 
 ffi::Error dims_of(const ffi::AnyBuffer& q, Dims* d) {
   const auto shape = q.dimensions();
-  if (shape.size() < 3) return ffi::Error::InvalidArgument("q must be (..., H, T, D)");
+  if (shape.size() < 3) return ffi::Error::InvalidArgument("q must be (..., T, H, D)");
   const size_t r = shape.size();
   d->B = 1;
   for (size_t i = 0; i + 3 < r; ++i) d->B *= shape[i];
-  d->H = shape[r - 3];
-  d->T = shape[r - 2];
+  d->T = shape[r - 3];
+  d->H = shape[r - 2];
   d->D = shape[r - 1];
   return ffi::Error::Success();
 }

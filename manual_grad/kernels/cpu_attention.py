@@ -8,9 +8,8 @@ Backward:  per (batch, head): delta = rowsum(Δ ∘ out), then with ρ_ij = exp(
            recomputed tile by tile, dv_j = Σ_i ρ_ij^T Δ_i, dS_ij = ρ_ij ∘ (Δ_i v_j^T - delta_i),
            dq_i = Σ_j dS_ij k_j / sqrt(D), dk_j = Σ_i dS_ij^T q_i / sqrt(D).
 Every tile product is a register-tiled GEMM on a 16 KiB block; work is spread over XLA's own
-intra-op thread pool. q, k, v, out and the cotangents are (B, H, T, D) arrays laid out
-(B, T, H, D) in memory (``input_layouts``), the layout of the qkv projection and of the merged
-heads, so XLA needs no transpose around the kernel.
+intra-op thread pool. The kernel takes q, k, v, out and the cotangents time-major, (B, T, H, D):
+the layout of the qkv projection and of the merged heads, so XLA needs no transpose around it.
 
 The kernel is compiled on first use with the machine's C++ compiler (``$CXX``, else ``g++``)
 with ``-O3 -march=native`` into a cache directory (``$MANUAL_GRAD_CACHE``, default
@@ -113,21 +112,25 @@ def available(dtype=jnp.float32) -> bool:
     return (jax.default_backend() == "cpu" and jnp.dtype(dtype) in SUPPORTED_DTYPES and _load())
 
 
-# Logical (..., H, T, D), physical (..., T, H, D): major-to-minor axis order of a rank-4 array.
-_BTHD = (0, 2, 1, 3)
+def _time_major(a):
+    """(B, H, T, D) <-> (B, T, H, D). Around the layer's split_heads / merge_heads transposes
+    XLA cancels each pair, so the kernel reads the qkv projection in place."""
+    return a.swapaxes(-2, -3)
 
 
 def cpu_attention_fwd(q, k, v, *, causal=True):
-    """``out = ρ v`` for (B, H, T, D) q, k, v; saves q, k, v, out (B, H, T, D) and lse (B, H, T)."""
+    """``out = ρ v`` for (B, H, T, D) q, k, v; saves q, k, v, out (each as (B, T, H, D)) and
+    lse (B, H, T)."""
     if not available(q.dtype):
         raise RuntimeError(f"cpu_attention: the CPU kernel does not serve {q.dtype} on the "
                            f"{jax.default_backend()} backend here (see cpu_attention.available)")
-    call = jax.ffi.ffi_call(
-        _TARGETS["forward"], (jax.ShapeDtypeStruct(q.shape, q.dtype),
-                              jax.ShapeDtypeStruct(q.shape[:-1], q.dtype)),
-        input_layouts=[_BTHD] * 3, output_layouts=[_BTHD, None], vmap_method="sequential")
+    q, k, v = (_time_major(a) for a in (q, k, v))
+    lse_shape = (*q.shape[:-3], q.shape[-2], q.shape[-3])
+    call = jax.ffi.ffi_call(_TARGETS["forward"], (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                                  jax.ShapeDtypeStruct(lse_shape, q.dtype)),
+                            vmap_method="broadcast_all")
     out, lse = call(q, k, v, causal=bool(causal))
-    return out, (q, k, v, out, lse)
+    return _time_major(out), (q, k, v, out, lse)
 
 
 def cpu_attention_bwd(causal, residuals, dout):
@@ -135,15 +138,15 @@ def cpu_attention_bwd(causal, residuals, dout):
     q, k, v, out, lse = residuals
     call = jax.ffi.ffi_call(
         _TARGETS["backward"], tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v)),
-        input_layouts=[_BTHD] * 4 + [None, _BTHD], output_layouts=[_BTHD] * 3,
-        vmap_method="sequential")
-    return tuple(call(q, k, v, out, lse, dout, causal=bool(causal)))
+        vmap_method="broadcast_all")
+    grads = call(q, k, v, out, lse, _time_major(dout), causal=bool(causal))
+    return tuple(_time_major(g) for g in grads)
 
 
 def cpu_attention_jvp(residuals, tangents, *, causal=True):
     """Tangent of the output (forward mode): ρ rebuilt whole from q and k, then
     :func:`manual_grad.layers.attention.attend_jvp` (forward mode holds a (B, H, T, T) array)."""
-    q, k, v, _, _ = residuals
+    q, k, v = (_time_major(a) for a in residuals[:3])
     return attend_jvp(q, k, v, attention_probs(q, k, causal), *tangents)
 
 

@@ -73,10 +73,10 @@ def test_key_gradient_sums_to_zero(x64):
     assert float(jnp.abs(dv).max()) > 0.1
 
 
-def test_saves_q_k_v_out_and_row_logsumexp():
+def test_saves_q_k_v_out_time_major_and_row_logsumexp():
     q, k, v, _ = qkv_dout(2, 3, 20, 8, jnp.float32)
     saved = jax.eval_shape(lambda q, k, v: cpu_attention_fwd(q, k, v, causal=True), q, k, v)[1]
-    assert [(a.shape, a.dtype) for a in saved] == [(q.shape, q.dtype)] * 4 + [((2, 3, 20), jnp.float32)]
+    assert [(a.shape, a.dtype) for a in saved] == [((2, 20, 3, 8), q.dtype)] * 4 + [((2, 3, 20), jnp.float32)]
     lse = cpu_attention_fwd(q, k, v, causal=True)[1][-1]
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(8)
     scores = jnp.where(jnp.tril(jnp.ones((20, 20), bool)), scores, -jnp.inf)
