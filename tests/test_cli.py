@@ -27,10 +27,10 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(corpus, tmp_path_factory):
-    """A tiny run trained through the CLI."""
+    """A tiny run trained through the CLI, with the paper's backward and a tile size from --set."""
     out = tmp_path_factory.mktemp("run")
     assert main(["train", "--data", str(corpus), "--out-dir", str(out), "--max-iters", "5", "--eval-interval", "5",
-                 "--lr-decay-iters", "7", *TINY]) == 0
+                 "--lr-decay-iters", "7", "--set", "backward=paper", "--set", "attn_block_size=64", *TINY]) == 0
     return out
 
 
@@ -94,10 +94,8 @@ def test_set_reaches_every_model_field(name):
     assert tc.model == {name: value}
 
 
-def test_train_runs_with_set_backward_paper(corpus, tmp_path):
-    assert main(["train", "--data", str(corpus), "--out-dir", str(tmp_path), "--max-iters", "2", "--set", "backward=paper",
-                 "--set", "attn_block_size=64", *TINY]) == 0
-    model_config = load_checkpoint(tmp_path / "ckpt.mgc").meta["model_config"]
+def test_train_runs_with_set_backward_paper(run):
+    model_config = load_checkpoint(run / "ckpt.mgc").meta["model_config"]
     assert (model_config["backward"], model_config["attn_block_size"]) == ("paper", 64)
 
 
