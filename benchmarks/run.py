@@ -204,7 +204,7 @@ def _torch_contenders(plan, preset, cfg, params, inputs, targets, ours, log):
 
 
 def donating_step(step, params, opt_state, inputs, targets):
-    """``call() -> loss`` running ``step`` as training does (:mod:`manual_grad.train`): jitted
+    """``call() -> loss`` running ``step`` as training does (:mod:`manual_grad.training`): jitted
     with the parameters and AdamW state donated, each call consuming the previous call's state,
     so XLA updates them in place rather than writing 3x the parameters' bytes to fresh buffers
     every step (as the PyTorch peers update in place). Works on its own copy of the state."""
