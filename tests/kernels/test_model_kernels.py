@@ -13,9 +13,6 @@ CONFIGS = {
     "paper": (GPTConfig.preset("paper", kernels="pallas"), 2, 4),
     # tied, GELU, odd T = 29: two attention tiles and two token tiles, the last ones padded
     "tiny": (GPTConfig.preset("tiny", kernels="pallas"), 1, 29),
-    # one head, untied logits without any bias, ReLU (LoRA rows are in the slow grid below)
-    "one-head": (GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=16, bias=False,
-                           activation="relu", tied_embeddings=False, kernels="pallas"), 3, 8),
 }
 
 
