@@ -31,7 +31,8 @@ from manual_grad.vjp import manual_vjp
 __all__ = ["flash_attention", "flash_attention_fwd", "flash_attention_bwd", "flash_attention_ref",
            "BLOCKS"]
 
-# Query/key tile per platform (read when a step is traced; tests shrink the CPU one): 64 keeps Triton's (64, 64) score tile in registers with D = 64;
+# Query/key tile per platform (read when a step is traced; tests shrink the CPU one):
+# 64 keeps Triton's (64, 64) score tile in registers with D = 64;
 # 128 fills the TPU's 128-lane vregs and MXU; 128 on CPU keeps the interpreter's loop short.
 BLOCKS = {"cpu": 128, "cuda": 64, "tpu": 128}
 
@@ -120,7 +121,8 @@ def _forward_on(platform, q, k, v, *, causal):
 
 
 def flash_attention_fwd(q, k, v, *, causal=True):
-    """``out = ρ v`` for (B, H, T, D) q, k, v, on the platform's tiles (:data:`BLOCKS`). Saves q, k, v, out (B, H, T, D) and lse (B, H, T) float32."""
+    """``out = ρ v`` for (B, H, T, D) q, k, v, on the platform's tiles (:data:`BLOCKS`).
+    Saves q, k, v, out (B, H, T, D) and lse (B, H, T) float32."""
     out, lse = per_platform(functools.partial(_forward_on, causal=causal), q, k, v)
     return out, (q, k, v, out, lse)
 
