@@ -81,23 +81,50 @@ def _steps(results: dict) -> list[dict]:
     return sorted(results["steps"], key=lambda s: (order[s["preset"]], s["seq_len"]))
 
 
+def _backend_time(entry: dict) -> str:
+    """A contender's step time, or why it has none (out of memory, not run, failed)."""
+    if "out_of_memory" in entry:
+        return f"out of memory ({entry['out_of_memory']})"
+    return _time(entry.get("time_s"))
+
+
 def step_table(results: dict) -> list[str]:
     rows = ["| preset | B | T | manual / step | autodiff / step | **manual / autodiff time** | "
             "temp manual / autodiff | **temp ratio** | total ratio | torch eager / step | "
-            "**manual / torch eager** | torch.compile / step | manual / torch.compile | "
+            "**manual / torch eager** | torch.compile / step | **manual / torch.compile** | "
             "MFU manual / autodiff / eager |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in _steps(results):
         m, a, r = s["backends"]["manual"], s["backends"]["autodiff"], s["ratios"]
         eager, comp = _peer(s, "torch_eager"), _peer(s, "torch_compile")
+        ma = r.get("manual/autodiff", {})
         rows.append(
-            f"| {s['preset']} | {s['batch']} | {s['seq_len']} | {_time(m['time_s'])} | "
-            f"{_time(a['time_s'])} | {_ratio(r['manual/autodiff']['time'])} | "
+            f"| {s['preset']} | {s['batch']} | {s['seq_len']} | {_backend_time(m)} | "
+            f"{_backend_time(a)} | {_ratio(ma.get('time'))} | "
             f"{_size(m['memory']['temp'])} / {_size(a['memory']['temp'])} | "
-            f"{_x(r['manual/autodiff']['memory_temp'])} | {_x(r['manual/autodiff']['memory_total'])} | "
-            f"{_time(eager.get('time_s'))} | {_ratio(r.get('manual/torch_eager', {}).get('time'))} | "
-            f"{_time(comp.get('time_s'))} | {_ratio(r.get('manual/torch_compile', {}).get('time'))} | "
-            f"{_pct(m['mfu'])} / {_pct(a['mfu'])} / {_pct(eager.get('mfu'))} |")
+            f"{_x(_ratio_of(m['memory']['temp'], a['memory']['temp']))} | "
+            f"{_x(_ratio_of(m['memory']['total'], a['memory']['total']))} | "
+            f"{_backend_time(eager)} | {_ratio(r.get('manual/torch_eager', {}).get('time'))} | "
+            f"{_backend_time(comp)} | {_ratio(r.get('manual/torch_compile', {}).get('time'))} | "
+            f"{_pct(m.get('mfu'))} / {_pct(a.get('mfu'))} / {_pct(eager.get('mfu'))} |")
+    return rows
+
+
+def _ratio_of(a, b):
+    return a / b if b else None
+
+
+def forward_backward_table(results: dict) -> list[str]:
+    """The forward and backward alone (no optimizer update), manual against the peers."""
+    rows = ["| preset | B | T | manual fwd+bwd | torch eager fwd+bwd | **manual / torch eager** | "
+            "torch.compile fwd+bwd | **manual / torch.compile** |",
+            "|---|---|---|---|---|---|---|---|"]
+    for s in _steps(results):
+        r = s.get("forward_backward_ratios", {})
+        fb = lambda name: _time(_peer(s, name).get("forward_backward_s"))   # noqa: E731
+        rows.append(f"| {s['preset']} | {s['batch']} | {s['seq_len']} | {fb('manual')} | "
+                    f"{fb('torch_eager')} | {_ratio(r.get('manual/torch_eager', {}).get('time'))} | "
+                    f"{fb('torch_compile')} | {_ratio(r.get('manual/torch_compile', {}).get('time'))} |")
     return rows
 
 
@@ -149,8 +176,10 @@ def peer_notes(results: dict) -> list[str]:
     notes = set()
     for s in results["steps"]:
         for name in PEERS:
-            if "unavailable" in _peer(s, name):
-                notes.add(f"- {name} on {s['preset']}: {_peer(s, name)['unavailable']}")
+            for why in ("unavailable", "not_run"):
+                if why in _peer(s, name):
+                    label = "failed" if why == "unavailable" else "not run"
+                    notes.add(f"- {name} on {s['preset']} ({label}): {_peer(s, name)[why]}")
         for name in PEERS:
             diff = _peer(s, name).get("loss_abs_diff_vs_jax")
             if diff is not None and diff > 1e-4:
@@ -166,6 +195,8 @@ def markdown_tables(results: dict) -> list[str]:
               "step; temp = activations and intermediates, total = temp + arguments + outputs "
               "(parameters, AdamW state and their updates included).", ""]
     lines += step_table(results)
+    lines += ["", "### Forward + backward alone (no optimizer), against the PyTorch peers", ""]
+    lines += forward_backward_table(results)
     if results["layers"]:
         lines += ["", "### Per layer (forward + backward)", ""] + layer_table(results)
     lines += ["", "### Compile time and program size", ""] + compile_table(results)
@@ -202,15 +233,16 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
             ax = axes[0][col]
             for name, style in (("manual", "o-"), ("autodiff", "s--"), ("torch_eager", "^:"),
                                 ("torch_compile", "v-.")):
-                points = [(t, s["backends"][name]["time_s"]) for t, s in zip(T, steps)
-                          if "time_s" in s["backends"].get(name, {})]
-                if points:
-                    ax.errorbar([p[0] for p in points], [p[1]["median"] for p in points],
-                                yerr=[[p[1]["median"] - p[1]["q25"] for p in points],
-                                      [p[1]["q75"] - p[1]["median"] for p in points]],
+                points = [(t, s["backends"][name]["time_s"], 1e3 / s["tokens_per_step"])
+                          for t, s in zip(T, steps) if "time_s" in s["backends"].get(name, {})]
+                if points:      # per 1000 tokens: cells with another batch size stay comparable
+                    ax.errorbar([p[0] for p in points], [p[1]["median"] * p[2] for p in points],
+                                yerr=[[(p[1]["median"] - p[1]["q25"]) * p[2] for p in points],
+                                      [(p[1]["q75"] - p[1]["median"]) * p[2] for p in points]],
                                 fmt=style, label=name, capsize=2)
-            ax.set(xscale="log", yscale="log", title=f"{preset} (B={steps[0]['batch']})",
-                   xlabel="T", ylabel="seconds per training step")
+            batches = "/".join(str(b) for b in dict.fromkeys(s["batch"] for s in steps))
+            ax.set(xscale="log", yscale="log", title=f"{preset} (B={batches})",
+                   xlabel="T", ylabel="training-step seconds per 1000 tokens")
             ax.minorticks_off()
             ax.set_xticks(T, [str(t) for t in T])
             ax.legend(fontsize=8)

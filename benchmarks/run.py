@@ -30,11 +30,12 @@ from benchmarks.layer_cases import layer_cases
 from benchmarks.timing import ratio, summarise, time_interleaved
 from benchmarks.train_step import (OPTIMIZER, bench_config, make_optimizer, make_train_step, random_batch,
                                    train_flops_per_token)
-from manual_grad import GPTConfig, count_params, init_params
+from manual_grad import GPTConfig, count_params, init_params, loss_fn
 
 __all__ = ["main", "Plan", "make_plan", "bench_config", "parse_overrides"]
 
 BACKENDS = ("manual", "autodiff")
+PEERS = ("torch_eager", "torch_compile")
 SCHEMA_VERSION = 1
 
 
@@ -52,6 +53,7 @@ class Plan:
     torch_compile_presets: tuple[str, ...]
     gpu_peak: bool
     overrides: dict = field(default_factory=dict)
+    long_steps: list[tuple[str, int, int, int]] = field(default_factory=list)   # (preset, B, T, repeats)
     warmup: int = 1
     threads: int | None = None                # None: every core
 
@@ -71,15 +73,18 @@ def make_plan(args) -> Plan:
                     {"tiny": 64, "shakespeare-char": 64, "gpt2": 8},
                     {"tiny": 20, "shakespeare-char": 10, "gpt2": 10},
                     [("shakespeare-char", 64, 256, 20), ("gpt2", 8, 1024, 10)], True,
-                    ("tiny", "shakespeare-char", "gpt2"), True)
+                    ("tiny", "shakespeare-char", "gpt2"), True,
+                    long_steps=[("shakespeare-char", 8, 2048, 10), ("shakespeare-char", 8, 4096, 5)])
     else:
-        # Sized for 2 CPU cores (about 10-14 min): gpt2 runs at batch 1 with two timed rounds
-        # per T; torch.compile (minutes of C++ builds per shape) on the tiny preset only.
+        # Sized for 2 CPU cores (about 25 min): gpt2 runs at batch 1 with two timed rounds
+        # per T; torch.compile (a minute of C++ builds per shape) on tiny and shakespeare-char;
+        # shakespeare-char also at T = 2048 and 4096 (batch 1).
         plan = Plan(False, args.platform, args.dtype, (128, 256, 512, 1024),
                     {"tiny": 8, "shakespeare-char": 4, "gpt2": 1},
                     {"tiny": 7, "shakespeare-char": 4, "gpt2": 2},
                     [("shakespeare-char", 8, 256, 7), ("gpt2", 1, 256, 3)], True,
-                    ("tiny",), False)
+                    ("tiny", "shakespeare-char"), False,
+                    long_steps=[("shakespeare-char", 1, 2048, 3), ("shakespeare-char", 1, 4096, 2)])
     if args.presets:
         unknown = set(args.presets) - set(plan.batch) - {"tiny", "shakespeare-char", "gpt2"}
         if unknown:
@@ -87,7 +92,9 @@ def make_plan(args) -> Plan:
         plan.batch = {p: plan.batch.get(p, 1) for p in args.presets}
         plan.repeats = {p: plan.repeats.get(p, 3) for p in args.presets}
     if args.seq_lens:
-        plan.seq_lens = tuple(args.seq_lens)
+        plan.seq_lens, plan.long_steps = tuple(args.seq_lens), []
+    if args.presets:
+        plan.long_steps = [c for c in plan.long_steps if c[0] in args.presets]
     if args.batch:
         plan.batch = {p: args.batch for p in plan.batch}
     if args.repeats:
@@ -160,18 +167,19 @@ def bench_layers(plan: Plan, log) -> list[dict]:
 # --- whole training step -------------------------------------------------------------------
 
 def _torch_contenders(plan, preset, cfg, params, inputs, targets, ours, log):
-    """Timed callables for the PyTorch peers, and their records (or why they are absent)."""
+    """Timed callables for the PyTorch peers, ``{name: (step, forward_backward)}``, and their
+    records (or why they are absent: ``not_run`` by design, ``unavailable`` when it failed)."""
     calls, records = {}, {}
     if not plan.torch_eager:
-        return calls, {"torch_eager": {"unavailable": "not run (--no-torch)"}}
+        return calls, {"torch_eager": {"not_run": "--no-torch"}}
     try:
         import torch
         from benchmarks import torch_peer
-    except Exception as error:
-        return calls, {"torch_eager": {"unavailable": f"torch not importable: {error}"}}
+    except ImportError as error:
+        return calls, {"torch_eager": {"not_run": f"torch not installed: {error}"}}
     device = "cuda" if plan.platform != "cpu" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        return calls, {"torch_eager": {"unavailable": "torch has no CUDA here"}}
+        return calls, {"torch_eager": {"not_run": "torch has no CUDA here"}}
     torch_peer.set_threads(plan.threads or hardware.cpu_info()["cores"])
     idx = torch.from_numpy(np.array(inputs)).long().to(device)
     tgt = torch.from_numpy(np.array(targets)).long().to(device)
@@ -187,18 +195,19 @@ def _torch_contenders(plan, preset, cfg, params, inputs, targets, ours, log):
             start = time.perf_counter()
             step(idx, tgt)                       # the first call compiles under torch.compile
             first_call = time.perf_counter() - start
+            forward_backward = step.forward_backward
         except Exception as error:
             records[name] = {"unavailable": f"{type(error).__name__}: {str(error)[:300]}"}
-            log(f"  {name} unavailable: {records[name]['unavailable']}")
+            log(f"  {name} failed: {records[name]['unavailable']}")
             continue
-        calls[name] = (lambda s=step: s(idx, tgt))
+        calls[name] = (lambda s=step: s(idx, tgt), lambda f=forward_backward: f(idx, tgt))
         records[name] = {"first_call_s": first_call, "loss_at_init": theirs,
                          "loss_abs_diff_vs_jax": abs(theirs - ours)}
         peak = torch_peer.peak_bytes(device)
         if peak is not None:
             records[name]["device_peak_bytes"] = peak
-    if not plan.torch_compile_presets or preset not in plan.torch_compile_presets:
-        records["torch_compile"] = {"unavailable": "not run for this preset "
+    if "torch_compile" not in records:
+        records["torch_compile"] = {"not_run": "not run for this preset "
                                     "(--torch-compile PRESET ... enables it)"}
     return calls, records
 
@@ -217,58 +226,89 @@ def donating_step(step, params, opt_state, inputs, targets):
     return call
 
 
-def bench_step(plan: Plan, preset: str, seq_len: int, peak: dict, log) -> dict:
+def memory_budget() -> int | None:
+    """Bytes a CPU step may plan for (80% of the machine's memory); None on an accelerator."""
+    if jax.default_backend() != "cpu":
+        return None
+    return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _jax_contenders(plan, cfg, case, record):
+    """``{backend: (step, forward_backward)}`` callables; a backend whose compiled step would not
+    fit in memory is recorded as ``out_of_memory`` (with XLA's estimate) and not run."""
+    params, opt_state, inputs, targets = case
+    optimizer, calls, budget = make_optimizer(), {}, memory_budget()
+    for backend in BACKENDS:
+        step = make_train_step(cfg, backend, optimizer)
+        compiled, compile_time = compile_timed(step, params, opt_state, inputs, targets)
+        memory = memory_bytes(compiled)
+        entry = record["backends"][backend] = {**compile_time, "memory": memory, "hlo": hlo_census(compiled)}
+        if budget is not None and memory["total"] > budget:
+            entry["out_of_memory"] = (f"needs {memory['total'] / 2**30:.1f} GiB (XLA's estimate), "
+                                      f"{budget / 2**30:.1f} GiB available")
+            continue
+        calls[backend] = (donating_step(step, params, opt_state, inputs, targets),
+                          value_and_grad_call(cfg, backend, params, inputs, targets))
+        entry["loss_at_init"] = float(calls[backend][0]())
+        if plan.gpu_peak:
+            from benchmarks.peak import step_peak_in_subprocess
+            spec = {"preset": record["preset"], "backend": backend, "batch": record["batch"],
+                    "seq_len": record["seq_len"], "overrides": {"dtype": plan.dtype, **plan.overrides}}
+            entry["device_peak"] = step_peak_in_subprocess(spec)
+    return calls
+
+
+def value_and_grad_call(cfg, backend, params, inputs, targets):
+    """``call() -> loss``: the forward and backward alone (no optimizer), jitted."""
+    jitted = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(3, 4))
+
+    def call():
+        return jax.block_until_ready(jitted(params, inputs, targets, cfg, backend)[0])
+    return call
+
+
+def _ratios(times: dict, pairs) -> dict:
+    return {f"{a}/{b}": {"time": ratio(times[a], times[b])} for a, b in pairs
+            if a in times and b in times}
+
+
+def bench_step(plan: Plan, preset: str, seq_len: int, peak: dict, log, batch=None, repeats=None) -> dict:
+    """One training-step cell: the full step (value_and_grad + AdamW) and the forward+backward
+    alone, manual and autodiff against the PyTorch peers, interleaved."""
     cfg = bench_config(preset, seq_len, {"dtype": plan.dtype, **plan.overrides})
-    batch = plan.batch[preset]
+    batch = batch or plan.batch[preset]
     params = init_params(cfg, jax.random.key(0))
-    optimizer = make_optimizer()
-    opt_state = optimizer.init(params)
-    inputs, targets = random_batch(cfg, batch, seq_len, jax.random.key(1))
+    case = (params, make_optimizer().init(params), *random_batch(cfg, batch, seq_len, jax.random.key(1)))
     flops_per_token = train_flops_per_token(cfg, seq_len)
     record = {"preset": preset, "batch": batch, "seq_len": seq_len, "tokens_per_step": batch * seq_len,
               "n_params": count_params(cfg), "flops_per_token": flops_per_token,
               "config": cfg.to_dict(), "backends": {}}
-    calls = {}
-    for backend in BACKENDS:
-        step = make_train_step(cfg, backend, optimizer)
-        compiled, compile_time = compile_timed(step, params, opt_state, inputs, targets)
-        calls[backend] = donating_step(step, params, opt_state, inputs, targets)
-        loss = float(calls[backend]())
-        record["backends"][backend] = {**compile_time, "memory": memory_bytes(compiled),
-                                       "hlo": hlo_census(compiled), "loss_at_init": loss}
-        if plan.gpu_peak:
-            from benchmarks.peak import step_peak_in_subprocess
-            spec = {"preset": preset, "backend": backend, "batch": batch, "seq_len": seq_len,
-                    "overrides": {"dtype": plan.dtype, **plan.overrides}}
-            record["backends"][backend]["device_peak"] = step_peak_in_subprocess(spec)
-    torch_calls, torch_records = _torch_contenders(
-        plan, preset, cfg, params, inputs, targets, record["backends"]["autodiff"]["loss_at_init"], log)
+    calls = _jax_contenders(plan, cfg, case, record)
+    ours = next((e["loss_at_init"] for e in record["backends"].values() if "loss_at_init" in e), 0.0)
+    torch_calls, torch_records = _torch_contenders(plan, preset, cfg, params, *case[2:], ours, log)
     calls.update(torch_calls)
     record["backends"].update(torch_records)
-    times = time_interleaved(calls, repeats=plan.repeats[preset], warmup=plan.warmup)
+    repeats = repeats or plan.repeats[preset]
+    times = time_interleaved({n: c[0] for n, c in calls.items()}, repeats=repeats, warmup=plan.warmup)
+    fb_names = [n for n in calls if n != "autodiff"]
+    fb_times = time_interleaved({n: calls[n][1] for n in fb_names}, repeats=repeats, warmup=plan.warmup)
     for name, samples in times.items():
         stats = summarise(samples)
         tokens_per_s = batch * seq_len / stats["median"]
         record["backends"][name].update(
-            time_s=stats, tokens_per_s=tokens_per_s,
+            time_s=stats, forward_backward_s=summarise(fb_times[name]) if name in fb_times else None,
+            tokens_per_s=tokens_per_s,
             mfu=flops_per_token * tokens_per_s / peak["flops"] if peak.get("flops") else None)
-    m, a = (record["backends"][b]["memory"] for b in BACKENDS)
-    record["ratios"] = {"manual/autodiff": {
-        "time": ratio(times["manual"], times["autodiff"]),
-        "memory_total": _ratio_or_none(m["total"], a["total"]),
-        "memory_temp": _ratio_or_none(m["temp"], a["temp"])}}
-    for peer in ("torch_eager", "torch_compile"):
-        if peer in times:
-            for backend in BACKENDS:
-                record["ratios"][f"{backend}/{peer}"] = {"time": ratio(times[backend], times[peer])}
-    r = record["ratios"]["manual/autodiff"]
-    line = (f"step {preset:>16} B={batch:<3} T={seq_len:<5} manual {record['backends']['manual']['time_s']['median']:.3f}s "
-            f"autodiff {record['backends']['autodiff']['time_s']['median']:.3f}s time x{r['time']['median']:.2f} "
-            f"temp x{r['memory_temp'] or float('nan'):.2f}")
-    for peer in ("torch_eager", "torch_compile"):
-        if peer in times:
-            line += f" {peer} {record['backends'][peer]['time_s']['median']:.3f}s"
-    log(line)
+    pairs = [("manual", "autodiff")] + [(b, p) for p in PEERS for b in BACKENDS]
+    record["ratios"] = _ratios(times, pairs)
+    if "manual/autodiff" in record["ratios"]:
+        m, a = (record["backends"][b]["memory"] for b in BACKENDS)
+        record["ratios"]["manual/autodiff"].update(memory_total=_ratio_or_none(m["total"], a["total"]),
+                                                   memory_temp=_ratio_or_none(m["temp"], a["temp"]))
+    record["forward_backward_ratios"] = _ratios(fb_times, [("manual", p) for p in PEERS])
+    log(f"step {preset:>16} B={batch:<3} T={seq_len:<5} " + " ".join(
+        f"{n} {times[n] and np.median(times[n]):.3f}s" for n in times) + " | fwd+bwd " + " ".join(
+        f"{n} {np.median(fb_times[n]):.3f}s" for n in fb_times))
     return record
 
 
@@ -364,6 +404,9 @@ def main(argv=None) -> dict:
         for preset in plan.presets:
             results["steps"].append(bench_step(plan, preset, seq_len, device["peak"], log))
             save()
+    for preset, batch, seq_len, repeats in plan.long_steps:
+        results["steps"].append(bench_step(plan, preset, seq_len, device["peak"], log, batch, repeats))
+        save()
     results["complete"] = True
     save()
     from benchmarks import report

@@ -131,20 +131,29 @@ def from_params(params: dict, cfg: GPTConfig, *, device: str = "cpu") -> TorchGP
 
 def torch_train_step(model: nn.Module, optimizer_settings: dict, *, compile_model: bool = False):
     """``step(idx, targets) -> loss``: zero grads, forward, backward, AdamW update; waits for
-    the device. With ``compile_model`` the forward runs through ``torch.compile``."""
+    the device. With ``compile_model`` the forward runs through ``torch.compile``.
+    ``step.forward_backward(idx, targets)`` runs the same without the update."""
     s = optimizer_settings
     optimizer = torch.optim.AdamW(model.parameters(), lr=s["learning_rate"], betas=(s["b1"], s["b2"]),
                                   eps=s["eps"], weight_decay=s["weight_decay"])
     forward = torch.compile(model, dynamic=False) if compile_model else model
 
-    def step(idx, targets):
+    def forward_backward(idx, targets):
         optimizer.zero_grad(set_to_none=True)
         loss = forward(idx, targets)
         loss.backward()
-        optimizer.step()
         if idx.is_cuda:
             torch.cuda.synchronize()
         return loss.detach()
+
+    def step(idx, targets):
+        loss = forward_backward(idx, targets)
+        optimizer.step()
+        if idx.is_cuda:
+            torch.cuda.synchronize()
+        return loss
+
+    step.forward_backward = forward_backward
     return step
 
 

@@ -194,6 +194,25 @@ inline double exp_row(double* row, int64_t n, double shift) {
   return sum;
 }
 
+// max_j row[j], vectorised (-inf entries included; n >= 1).
+template <typename T>
+inline T row_max(const T* row, int64_t n) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  T m = row[0];
+  int64_t j = 0;
+  if (n >= W) {
+    V acc = load(row);
+    for (j = W; j + W <= n; j += W) {
+      const V x = load(row + j);
+      acc = x > acc ? x : acc;
+    }
+    for (int w = 0; w < W; ++w) m = std::max(m, acc[w]);
+  }
+  for (; j < n; ++j) m = std::max(m, row[j]);
+  return m;
+}
+
 // Scores of query rows [i0, i0+mq) against key rows [j0, j0+nk): S = Qs Kt, the causal mask
 // applied as -inf (Qs: the query tile already scaled by 1/sqrt(D); Kt: that key tile's K^T,
 // (D, kTile)).
@@ -265,7 +284,7 @@ void forward_tile(const T* q, const std::vector<T>& Kt, const T* v, const Dims& 
                 j0, nk, causal, w.S.data());
     for (int64_t i = 0; i < mq; ++i) {
       T* row = w.S.data() + i * nk;
-      const T m_new = std::max(w.m[i], *std::max_element(row, row + nk));   // key 0 is visible
+      const T m_new = std::max(w.m[i], row_max(row, nk));   // key 0 is visible: finite
       const T correction = std::exp(w.m[i] - m_new);
       w.l[i] = w.l[i] * correction + exp_row(row, nk, m_new);
       w.m[i] = m_new;

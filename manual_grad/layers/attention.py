@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from manual_grad.config import BACKWARDS, check_choice
-from manual_grad.layers.lora import lora_project_bwd, lora_project_fwd, lora_project_ref
-from manual_grad.vjp import manual_vjp
+from manual_grad.layers.lora import lora_project_bwd, lora_project_fwd, lora_project_jvp, lora_project_ref
+from manual_grad.vjp import forward_mode_error, manual_vjp
 
 __all__ = ["attention", "attention_fwd", "attention_bwd", "attention_ref",
-           "attend_fwd", "attend_bwd", "attend_ref", "softmax_bwd", "flash_attend_fwd",
+           "attention_jvp", "attend_fwd", "attend_bwd", "attend_jvp", "attend_ref", "softmax_bwd", "flash_attend_fwd",
            "flash_attend_bwd",
            "split_heads", "merge_heads", "causal_mask"]
 
@@ -98,6 +98,17 @@ def attend_bwd(q, k, v, probs, dout):
     dq = jnp.einsum("...qk,...kd->...qd", dscores, k, preferred_element_type=acc)    # dS_raw k: (Tq, D)
     dk = jnp.einsum("...qk,...qd->...kd", dscores, q, preferred_element_type=acc)    # dS_raw^T q: (Tk, D)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def attend_jvp(q, k, v, probs, dq, dk, dv):
+    """Tangent of :func:`attend_fwd`'s output from the tangents of q, k, v: (B, H, Tq, D)."""
+    acc = probs.dtype
+    dscores = (jnp.einsum("...qd,...kd->...qk", dq, k, preferred_element_type=acc)
+               + jnp.einsum("...qd,...kd->...qk", q, dk, preferred_element_type=acc))    # (Tq, Tk)
+    dprobs = softmax_bwd(probs, dscores * (1.0 / math.sqrt(q.shape[-1])))              # dρ: (Tq, Tk)
+    dout = (jnp.einsum("...qk,...kd->...qd", dprobs, v, preferred_element_type=acc)
+            + jnp.einsum("...qk,...kd->...qd", probs, dv, preferred_element_type=acc))  # dρ v + ρ dv
+    return dout.astype(v.dtype)
 
 
 def attend_ref(q, k, v, *, causal):
@@ -235,9 +246,11 @@ def attention_fwd(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, l
     ρ (B, H, T, T). ``backward="lean"`` (flash) saves the same but the per-row log-sum-exp
     (B, H, T) instead of ρ, and works on (tile, tile) tiles in both passes.
     ``core``: another op on (q, k, v) with the setting ``causal``, made by ``manual_vjp``
-    (a Pallas kernel, :mod:`manual_grad.kernels`), whose fwd and bwd replace the core's; the
-    layer saves its residuals.
+    (a fused kernel, :mod:`manual_grad.kernels`), whose fwd and bwd replace the core's; the
+    layer saves the core's residuals, not q, k, v a second time. Every path saves the merged
+    heads (B, T, C) for W_o's backward.
     """
+    check_choice("backward", backward, BACKWARDS)
     qkv_adapters, o_adapters = _split_adapters(adapters)
     qkv, xa_qkv = lora_project_fwd(x, w_qkv, b_qkv, qkv_adapters, parts=QKV, scale=lora_scale)
     q, k, v = (split_heads(part, n_head) for part in jnp.split(qkv, 3, axis=-1))   # (B, H, T, D)
@@ -247,23 +260,26 @@ def attention_fwd(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, l
         heads, softmax_state = attend_fwd(q, k, v, causal=causal)                    # ρ
     else:
         heads, softmax_state = flash_attend_fwd(q, k, v, causal=causal, block=tile)  # lse
-    y, xa_o = lora_project_fwd(merge_heads(heads), w_o, b_o, o_adapters, parts=("o",), scale=lora_scale)
-    return y, (x, q, k, v, heads, softmax_state, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o)
-    check_choice("backward", backward, BACKWARDS)
+    merged = merge_heads(heads)                                                      # (B, T, C)
+    y, xa_o = lora_project_fwd(merged, w_o, b_o, o_adapters, parts=("o",), scale=lora_scale)
+    if core is not None:
+        q = k = v = None                                      # the core's residuals hold them
+    return y, (x, q, k, v, merged, softmax_state, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o)
 
 
 def attention_bwd(n_head, causal, lora_scale, backward, tile, core, residuals, dy):
-    x, q, k, v, heads, softmax_state, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o = residuals
+    x, q, k, v, merged, softmax_state, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o = residuals
     qkv_adapters, o_adapters = _split_adapters(adapters)
     dmerged, dw_o, db_o, do_adapters = lora_project_bwd(
-        merge_heads(heads), w_o, b_o, o_adapters, xa_o, dy, parts=("o",), scale=lora_scale)  # (B, T, C)
+        merged, w_o, b_o, o_adapters, xa_o, dy, parts=("o",), scale=lora_scale)        # (B, T, C)
     dheads = split_heads(dmerged, n_head)                                             # (B, H, T, D)
     if core is not None:
         dq, dk, dv = core.bwd(causal, softmax_state, dheads)
     elif backward == "paper":
         dq, dk, dv = attend_bwd(q, k, v, softmax_state, dheads)
     else:
-        dq, dk, dv = flash_attend_bwd(q, k, v, heads, softmax_state, dheads, causal=causal, block=tile)
+        dq, dk, dv = flash_attend_bwd(q, k, v, split_heads(merged, n_head), softmax_state, dheads,
+                                      causal=causal, block=tile)
     dqkv = jnp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], -1)   # (B, T, 3C)
     dx, dw_qkv, db_qkv, dqkv_adapters = lora_project_bwd(
         x, w_qkv, b_qkv, qkv_adapters, xa_qkv, dqkv, parts=QKV, scale=lora_scale)
@@ -275,7 +291,27 @@ def attention_bwd(n_head, causal, lora_scale, backward, tile, core, residuals, d
 
 # The inputs of self-attention (and of its variants): checked when the op is called.
 ATTENTION_SHAPES = dict(x="B T C", w_qkv="C 3*C", b_qkv="optional 3*C", w_o="C C", b_o="optional C")
-attention = manual_vjp(attention_fwd, attention_bwd, shapes=ATTENTION_SHAPES)
+def attention_jvp(residuals, tangents, *, n_head, causal=True, lora_scale=1.0, core=None, **_):
+    """Tangent of the layer. With the flash backward ρ is rebuilt whole from q and k, so forward
+    mode holds a (B, H, T, T) array (reverse mode does not)."""
+    x, q, k, v, merged, softmax_state, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o = residuals
+    dx, dw_qkv, db_qkv, dw_o, db_o, dadapters = tangents
+    (qkv_adapters, o_adapters), (dqkv_adapters, do_adapters) = _split_adapters(adapters), _split_adapters(dadapters)
+    dqkv = lora_project_jvp(x, w_qkv, b_qkv, qkv_adapters, xa_qkv, dx, dw_qkv, db_qkv, dqkv_adapters,
+                            parts=QKV, scale=lora_scale)                                 # (B, T, 3C)
+    dq, dk, dv = (split_heads(part, n_head) for part in jnp.split(dqkv, 3, axis=-1))     # (B, H, T, D)
+    if core is not None:
+        if core.jvp is None:
+            raise forward_mode_error(f"attention (core {core.__name__})")
+        dheads = core.jvp(softmax_state, (dq, dk, dv), causal=causal)
+    else:
+        probs = softmax_state if softmax_state.ndim == q.ndim else _probs(q, k, causal)  # ρ, or from lse
+        dheads = attend_jvp(q, k, v, probs, dq, dk, dv)
+    return lora_project_jvp(merged, w_o, b_o, o_adapters, xa_o, merge_heads(dheads),
+                            dw_o, db_o, do_adapters, parts=("o",), scale=lora_scale)
+
+
+attention = manual_vjp(attention_fwd, attention_bwd, jvp=attention_jvp, shapes=ATTENTION_SHAPES)
 
 
 def attention_ref(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, lora_scale=1.0,
