@@ -42,6 +42,7 @@ __all__ = ["cpu_attention", "cpu_attention_fwd", "cpu_attention_bwd", "cpu_atten
            "available"]
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
+HEADERS = (Path(__file__).with_name("cpu_tiles.h"),)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared")
 SUPPORTED_DTYPES = (jnp.dtype("float32"), jnp.dtype("float64"))
 _TARGETS = {"forward": "manual_grad_cpu_attention_fwd", "backward": "manual_grad_cpu_attention_bwd"}
@@ -58,7 +59,7 @@ def _cpu_signature() -> str:
 
 def _library_path(compiler: str) -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
+    for part in (SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS), " ".join(FLAGS).encode(), compiler.encode(),
                  jax.__version__.encode(), _cpu_signature().encode()):
         key.update(part)
     root = Path(os.environ.get("MANUAL_GRAD_CACHE", Path.home() / ".cache" / "manual_grad"))
