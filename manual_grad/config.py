@@ -21,8 +21,8 @@ BACKWARDS = ("lean", "paper")
 # Where the lean attention core and the logits + loss run: "pallas" (manual_grad.kernels: fused
 # kernels with hand-written backwards; interpreted on CPU), "cpu" (the fused C++ attention kernel
 # of manual_grad.kernels.cpu_attention, built on first use; CPU backend only), "xla" (the layers'
-# own lean path), "auto" (Pallas on GPU and TPU; on CPU the C++ attention where it can be built
-# and the dtype is float32/float64, else XLA).
+# own lean path), "auto" (Pallas on GPU and TPU; on one CPU device the C++ attention where it
+# can be built and the dtype is float32/float64; else XLA).
 KERNELS = ("xla", "pallas", "cpu", "auto")
 # LoRA's factor s of s · x A B: alpha / rank (original LoRA paper, PEFT) or alpha (the paper's).
 SCALE_CONVENTIONS = ("alpha/rank", "alpha")

@@ -22,14 +22,17 @@ __all__ = ["cpu_attention", "cpu_attention_ref", "cpu_attention_available", "fla
 
 def resolve(kernels: str, backend: str | None = None, dtype: str = "float32") -> str:
     """``"pallas"``, ``"cpu"`` or ``"xla"`` for a config's ``kernels`` setting: ``"auto"`` is
-    Pallas on a GPU or TPU, and on a CPU the C++ attention kernel where it serves ``dtype``
-    (built, float32/float64), else XLA (``backend``: a JAX backend name, default the current)."""
+    Pallas on a GPU or TPU; on a single CPU device, the C++ attention kernel where it serves
+    ``dtype`` (built, float32/float64); else XLA (``backend``: a JAX backend name, default the
+    current one). Several CPU devices (a mesh) take XLA: XLA's partitioner cannot split the
+    kernel's call, so it would gather q, k, v onto every device."""
     if kernels != "auto":
         return kernels
     backend = backend or jax.default_backend()
     if backend in ("gpu", "cuda", "tpu"):
         return "pallas"
-    return "cpu" if backend == "cpu" and cpu_attention_available(dtype) else "xla"
+    single = jax.device_count() == 1
+    return "cpu" if backend == "cpu" and single and cpu_attention_available(dtype) else "xla"
 
 
 def select(kernels: str, dtype: str = "float32") -> dict:
