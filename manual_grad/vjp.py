@@ -5,14 +5,15 @@ Every layer in :mod:`manual_grad.layers` follows the same contract::
 
     def layer_fwd(x, w, ..., *, setting):        # -> (y, residuals)
     def layer_bwd(setting, residuals, dy):        # -> (dx, dw, ...)
-    def layer_jvp(setting, residuals, tangents):  # -> dy, tangents = (dx, dw, ...)
+    def layer_jvp(residuals, tangents, *, setting):   # -> dy, tangents = (dx, dw, ...)
     layer = manual_vjp(layer_fwd, layer_bwd, jvp=layer_jvp)   # the op the model calls
 
 * The positional parameters of ``fwd`` are the differentiable inputs: arrays or
   pytrees of arrays (``None`` allowed for an absent bias, ``{}`` for no adapters).
 * Its keyword-only parameters are static settings (eps, number of heads, the causal
   flag, a scale...). They must be hashable; they are never differentiated and are
-  handed to ``bwd`` and ``jvp`` first, positionally, in the order ``fwd`` declares them.
+  handed to ``bwd`` first, positionally, in the order ``fwd`` declares them, and to ``jvp``
+  by keyword (so a ``jvp`` names only the settings it reads and takes ``**_`` for the rest).
 * ``bwd`` returns one cotangent per positional input, each with the structure and
   dtype of that input (``None`` for integer inputs such as token ids).
 * ``jvp`` gets one tangent per positional input (``None`` for integer inputs, zeros where
@@ -20,7 +21,8 @@ Every layer in :mod:`manual_grad.layers` follows the same contract::
   Like ``bwd`` it is written by hand from the residuals: no ``jax.jvp`` inside.
 
 How the two are combined: the op is a ``jax.custom_jvp`` function whose tangent rule runs
-``fwd`` (saving its residuals, each named ``"<op>_residuals"`` with ``checkpoint_name``) and
+``fwd`` (saving its residuals; those it computes are named ``"<op>_residuals"`` with
+``checkpoint_name``, for ``jax.checkpoint`` policies) and
 then a :func:`~manual_grad.linear_map.linear_map` of the tangents whose transpose is ``bwd``.
 ``jax.jvp`` evaluates ``jvp``; ``jax.grad`` transposes the map and so runs ``bwd`` on the same
 residuals (``jvp`` is then never evaluated). Without ``jvp``, forward mode raises a
@@ -103,6 +105,14 @@ def _layout(primals, tangents):
     return _Tangents(tuple(trees), tuple(leaves)), moving
 
 
+def _named(residuals, inputs, name):
+    """The residuals, each computed one tagged with ``checkpoint_name(r, name)`` for remat policies.
+    Residuals that are inputs themselves stay untagged: ``lax.scan`` then passes a layer's
+    weights to the backward as they are instead of stacking a copy of them."""
+    inputs = {id(leaf) for leaf in jax.tree.leaves(inputs)}
+    return jax.tree.map(lambda r: r if id(r) in inputs else checkpoint_name(r, name), residuals)
+
+
 def manual_vjp(fwd: Callable[..., tuple[Any, Any]], bwd: Callable[..., tuple], *,
                jvp: Callable[..., Any] | None = None,
                shapes: Mapping[str, str] | Callable[..., Mapping[str, str]] | None = None) -> Callable:
@@ -129,7 +139,7 @@ def manual_vjp(fwd: Callable[..., tuple[Any, Any]], bwd: Callable[..., tuple], *
         settings, layout = static
         if jvp is None:
             raise forward_mode_error(name)
-        return jvp(*settings, residuals, layout.full(moving))
+        return jvp(residuals, layout.full(moving), **dict(zip(setting_names, settings)))
 
     def backward(static, residuals, dy):                    # the transpose of ``tangent``
         settings, layout = static
@@ -146,7 +156,7 @@ def manual_vjp(fwd: Callable[..., tuple[Any, Any]], bwd: Callable[..., tuple], *
         layout, moving = _layout(primals, tangents)
         if not moving:
             return y, jax.tree.map(jnp.zeros_like, y)
-        residuals = jax.tree.map(lambda r: checkpoint_name(r, f"{name}_residuals"), residuals)
+        residuals = _named(residuals, primals, f"{name}_residuals")
         out_avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), y)
         return y, linear_map(tangent, backward, (settings, layout), residuals, moving, out_avals)
 

@@ -2,6 +2,7 @@
 
 Forward:   y = x ∘ m / (1 - p),   m ~ Bernoulli(1 - p) drawn from ``key``        (B, T, C)
 Backward:  dx = Δ ∘ m / (1 - p)   (the mask is the residual; the key gets no gradient)
+Tangent:   dy = dx ∘ m / (1 - p)
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 
 from manual_grad.vjp import manual_vjp
 
-__all__ = ["dropout", "dropout_fwd", "dropout_bwd", "dropout_ref"]
+__all__ = ["dropout", "dropout_fwd", "dropout_bwd", "dropout_jvp", "dropout_ref"]
 
 
 def _keep_scaled(key, shape, dtype, rate):
@@ -31,7 +32,12 @@ def dropout_bwd(rate, keep_scaled, dy):
     return (dy if keep_scaled is None else dy * keep_scaled), None
 
 
-dropout = manual_vjp(dropout_fwd, dropout_bwd, shapes=dict(x="... C"))
+def dropout_jvp(keep_scaled, tangents, **_):
+    dx, _ = tangents
+    return dx if keep_scaled is None else dx * keep_scaled
+
+
+dropout = manual_vjp(dropout_fwd, dropout_bwd, jvp=dropout_jvp, shapes=dict(x="... C"))
 
 
 def dropout_ref(x, key, *, rate):

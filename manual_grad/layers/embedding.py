@@ -3,6 +3,7 @@
 Forward:   x[b, t] = W_tok[ids[b, t]] + W_pos[t]                      (B, T, C)
 Backward:  dW_tok = onehot(ids)^T Δ   (a scatter-add: repeated ids add, absent ids get 0)
            dW_pos[t] = Σ_b Δ[b, t] for t < T, and exactly 0 for rows t >= T.
+Tangent:   dx[b, t] = dW_tok[ids[b, t]] + dW_pos[t]
 The ids are integers: they get no gradient.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 
 from manual_grad.vjp import manual_vjp
 
-__all__ = ["embedding", "embedding_fwd", "embedding_bwd", "embedding_ref"]
+__all__ = ["embedding", "embedding_fwd", "embedding_bwd", "embedding_jvp", "embedding_ref"]
 
 
 def embedding_fwd(ids, wte, wpe):
@@ -43,7 +44,13 @@ def embedding_bwd(residuals, dx):
     return None, dwte, dwpe
 
 
-embedding = manual_vjp(embedding_fwd, embedding_bwd, shapes=dict(ids="int ... T", wte="V C", wpe="T_max C"))
+def embedding_jvp(residuals, tangents):
+    ids, _ = residuals
+    _, dwte, dwpe = tangents
+    return dwte[ids] + dwpe[: ids.shape[-1]]                   # (B, T, C)
+
+
+embedding = manual_vjp(embedding_fwd, embedding_bwd, jvp=embedding_jvp, shapes=dict(ids="int ... T", wte="V C", wpe="T_max C"))
 
 
 def embedding_ref(ids, wte, wpe):

@@ -4,6 +4,8 @@ Forward:   x̂ = (x - μ) / σ,  σ = sqrt(var + eps),  y = x̂ ∘ scale + bias
 Backward:  g = Δ ∘ scale
            dx = (g - mean_C(g) - x̂ ∘ mean_C(x̂ ∘ g)) / σ
            dscale = Σ_tokens x̂ ∘ Δ,   dbias = Σ_tokens Δ
+Tangent:   dx̂ = (dx - mean_C(dx) - x̂ ∘ mean_C(x̂ ∘ dx)) / σ
+           dy = dx̂ ∘ scale + x̂ ∘ dscale + dbias
 Each token is normalised on its own, so a token's dx depends on no other token.
 
 With ``eps = 0`` a constant row has σ = 0 and the result is not finite (as in the paper's
@@ -13,10 +15,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from manual_grad.config import BACKWARDS, check_choice
 from manual_grad.vjp import manual_vjp
 
-from manual_grad.config import BACKWARDS, check_choice
-__all__ = ["layernorm", "layernorm_fwd", "layernorm_bwd", "layernorm_ref"]
+__all__ = ["layernorm", "layernorm_fwd", "layernorm_bwd", "layernorm_jvp", "layernorm_ref"]
 
 
 def _statistics(x, eps):
@@ -40,9 +42,9 @@ def layernorm_fwd(x, scale, bias, *, eps, backward="paper"):
     saves x itself (in its own dtype, half the bytes of a float32 x̂ under bf16) with μ and 1/σ
     (B, T, 1), and rebuilds x̂ in the backward.
     """
+    check_choice("backward", backward, BACKWARDS)
     mean, rstd = _statistics(x, eps)
     xhat = (x.astype(mean.dtype) - mean) * rstd
-    check_choice("backward", backward, BACKWARDS)
     y = (xhat * scale + bias).astype(x.dtype)
     return y, ((x, mean, rstd) if backward == "lean" else (xhat, rstd), scale)
 
@@ -64,7 +66,21 @@ def layernorm_bwd(eps, backward, residuals, dy):
     return dx.astype(dy.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
-layernorm = manual_vjp(layernorm_fwd, layernorm_bwd, shapes=dict(x="... C", scale="C", bias="C"))
+def layernorm_jvp(residuals, tangents, **_):
+    saved, scale = residuals
+    if len(saved) == 3:                                                 # x, μ, 1/σ: rebuild x̂
+        x, mean, rstd = saved
+        xhat = (x.astype(mean.dtype) - mean) * rstd
+    else:
+        xhat, rstd = saved
+    dx, dscale, dbias = tangents
+    dx32 = dx.astype(xhat.dtype)
+    dxhat = (dx32 - dx32.mean(-1, keepdims=True)
+             - xhat * (xhat * dx32).mean(-1, keepdims=True)) * rstd      # (B, T, C)
+    return (dxhat * scale + xhat * dscale + dbias).astype(dx.dtype)
+
+
+layernorm = manual_vjp(layernorm_fwd, layernorm_bwd, jvp=layernorm_jvp, shapes=dict(x="... C", scale="C", bias="C"))
 
 
 def layernorm_ref(x, scale, bias, *, eps, backward="paper"):

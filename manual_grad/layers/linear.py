@@ -2,6 +2,7 @@
 
 Backward (sums over tokens are over every leading axis):
     dx = Δ w^T        dw = x^T Δ        db = Σ_tokens Δ
+Tangent:   dy = dx w + x dw + db
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 
 from manual_grad.vjp import manual_vjp
 
-__all__ = ["linear", "linear_fwd", "linear_bwd", "linear_ref", "matmul_tokens"]
+__all__ = ["linear", "linear_fwd", "linear_bwd", "linear_jvp", "linear_ref", "matmul_tokens"]
 
 
 def matmul_tokens(a, b):
@@ -38,7 +39,14 @@ def linear_bwd(residuals, dy):
     return dx, dw, db
 
 
-linear = manual_vjp(linear_fwd, linear_bwd, shapes=dict(x="... C_in", w="C_in C_out", b="optional C_out"))
+def linear_jvp(residuals, tangents):
+    x, w, b = residuals
+    dx, dw, db = tangents
+    dy = dx @ w + x @ dw                                      # (..., in) x (in, out) -> (..., out)
+    return dy if b is None else dy + db
+
+
+linear = manual_vjp(linear_fwd, linear_bwd, jvp=linear_jvp, shapes=dict(x="... C_in", w="C_in C_out", b="optional C_out"))
 
 
 def linear_ref(x, w, b):

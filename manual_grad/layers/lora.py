@@ -5,6 +5,7 @@ Backward:  dx = Δ W^T + s Δ (A B)^T
            dA = s x^T (Δ B^T)                dB = s (x A)^T Δ
            dW = x^T Δ,  db = Σ_tokens Δ       (exact, but never asked for when W is frozen:
                                                under ``jit`` XLA then drops their computation)
+Tangent:   dy = dx W + x dW + db + s · ((dx A + x dA) B + (x A) dB)
 
 The scale ``s`` is ``alpha / rank`` (original LoRA paper, Hugging Face PEFT; the default)
 or ``alpha`` itself (the paper's convention): see :func:`lora_scale`.
@@ -20,11 +21,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from manual_grad.config import SCALE_CONVENTIONS, lora_scale
-from manual_grad.layers.linear import linear_bwd, linear_fwd, linear_ref, matmul_tokens
+from manual_grad.layers.linear import linear_bwd, linear_fwd, linear_jvp, linear_ref, matmul_tokens
 from manual_grad.vjp import manual_vjp
 
-__all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "lora_linear_ref",
-           "lora_project_fwd", "lora_project_bwd", "lora_project_ref", "lora_scale",
+__all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "lora_linear_jvp", "lora_linear_ref",
+           "lora_project_fwd", "lora_project_bwd", "lora_project_jvp", "lora_project_ref", "lora_scale",
            "SCALE_CONVENTIONS"]
 
 def _part_columns(width, parts, name):
@@ -64,6 +65,17 @@ def lora_project_bwd(x, w, b, adapters, xa, dy, *, parts, scale):
     return dx, dw, db, dadapters
 
 
+def lora_project_jvp(x, w, b, adapters, xa, dx, dw, db, dadapters, *, parts, scale):
+    """Tangent of :func:`lora_project_fwd`'s y from the tangents of x, w, b and the adapters."""
+    dy = linear_jvp((x, w, b), (dx, dw, db))
+    for name, adapter in adapters.items():
+        start, stop = _part_columns(w.shape[-1], parts, name)
+        da, db_ = dadapters[name]["a"], dadapters[name]["b"]
+        dxa = dx @ adapter["a"] + x @ da                       # (..., in) x (in, r) -> (..., r)
+        dy = dy.at[..., start:stop].add(scale * (dxa @ adapter["b"] + xa[name] @ db_))
+    return dy
+
+
 def lora_project_ref(x, w, b, adapters, *, parts, scale):
     """Plain-jnp twin of :func:`lora_project_fwd`."""
     y = linear_ref(x, w, b)
@@ -88,7 +100,14 @@ def lora_linear_bwd(scale, residuals, dy):
     return dx, dw, dbias, dadapters["w"]["a"], dadapters["w"]["b"]
 
 
-lora_linear = manual_vjp(lora_linear_fwd, lora_linear_bwd, shapes=dict(
+def lora_linear_jvp(residuals, tangents, *, scale):
+    x, w, bias, adapters, xa = residuals
+    dx, dw, dbias, da, db = tangents
+    return lora_project_jvp(x, w, bias, adapters, xa, dx, dw, dbias, {"w": {"a": da, "b": db}},
+                            parts=("w",), scale=scale)
+
+
+lora_linear = manual_vjp(lora_linear_fwd, lora_linear_bwd, jvp=lora_linear_jvp, shapes=dict(
     x="... C_in", w="C_in C_out", bias="optional C_out", lora_a="C_in r", lora_b="r C_out"))
 
 

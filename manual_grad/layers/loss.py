@@ -6,6 +6,7 @@ Loss:     L = (1/N) Σ_{counted tokens} (logsumexp(z_t) - z_t[target_t]),  N = #
           a target of -100 is ignored; with no counted token L = 0 and every gradient is 0.
 Backward: Δ_z = (softmax(z) - onehot(target)) ∘ counted / N, then the linear layer's
           dx = Δ_z W_out^T,  dW_out = x^T Δ_z,  db = Σ_tokens Δ_z.
+Tangent:  dz = dx W_out + x dW_out + db;   dL = (1/N) Σ_{counted} (softmax(z_t) · dz_t - dz_t[target_t]).
 The logits are computed in the compute dtype; log-sum-exp, softmax and the loss in at least
 float32.
 """
@@ -14,13 +15,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from manual_grad.layers.attention import tile_size
 from manual_grad.config import BACKWARDS, check_choice
-from manual_grad.layers.lora import lora_project_bwd, lora_project_fwd, lora_project_ref
-from manual_grad.vjp import manual_vjp
+from manual_grad.layers.attention import tile_size
+from manual_grad.layers.lora import lora_project_bwd, lora_project_fwd, lora_project_jvp, lora_project_ref
+from manual_grad.vjp import forward_mode_error, manual_vjp
 
-__all__ = ["IGNORE_INDEX", "logits", "logits_fwd", "logits_bwd", "logits_ref",
-           "logits_loss", "logits_loss_fwd", "logits_loss_bwd", "logits_loss_ref"]
+__all__ = ["IGNORE_INDEX", "logits", "logits_fwd", "logits_bwd", "logits_jvp", "logits_ref",
+           "logits_loss", "logits_loss_fwd", "logits_loss_bwd", "logits_loss_jvp", "logits_loss_ref"]
 
 IGNORE_INDEX = -100
 
@@ -60,7 +61,14 @@ def _head_shapes(tied, x="... C", **extra):
     return dict(x=x, w="V C" if tied else "C V", b="optional V", **extra)
 
 
-logits = manual_vjp(logits_fwd, logits_bwd, shapes=lambda tied, **_: _head_shapes(tied))
+def logits_jvp(residuals, tangents, *, tied, lora_scale=1.0):
+    x, w, b, adapters, xa = residuals
+    dx, dw, db, dadapters = tangents
+    return lora_project_jvp(x, _out_weight(w, tied), b, adapters, xa, dx, _out_weight(dw, tied), db,
+                            dadapters, parts=("logits",), scale=lora_scale)              # (B, T, V)
+
+
+logits = manual_vjp(logits_fwd, logits_bwd, jvp=logits_jvp, shapes=lambda tied, **_: _head_shapes(tied))
 
 
 def logits_ref(x, w, b, adapters, *, tied, lora_scale=1.0):
@@ -140,6 +148,7 @@ def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, backwar
     saves its residuals.
     """
     _check_adapters(adapters)
+    check_choice("backward", backward, BACKWARDS)
     if core is not None and not adapters:
         loss, core_residuals = core.fwd(x, w, b, targets, tied=tied)
         return loss, (x, w, b, targets, adapters, None, core_residuals)
@@ -148,7 +157,6 @@ def logits_loss_fwd(x, w, b, targets, adapters, *, tied, lora_scale=1.0, backwar
         z, (_, _, _, _, xa) = logits_fwd(x, w, b, adapters, tied=tied, lora_scale=lora_scale)
         lse, nll = _token_nll(z, targets)
         return nll.sum() / n, (x, w, b, targets, adapters, xa, (z, lse))
-    check_choice("backward", backward, BACKWARDS)
 
     w_out, size = _out_weight(w, tied), _chunk_positions(targets, chunk)
 
@@ -192,7 +200,34 @@ def logits_loss_bwd(tied, lora_scale, backward, chunk, core, residuals, dloss):
     return _unchunk(dx, x.shape[1]), _out_weight(dw, tied), db, None, dadapters
 
 
-logits_loss = manual_vjp(logits_loss_fwd, logits_loss_bwd,
+def _dloss(z, lse, targets, dz):
+    """dL = (1/N) Σ_counted (softmax(z_t) · dz_t - dz_t[target_t]), in at least float32."""
+    dz = dz.astype(lse.dtype)
+    probs = jnp.exp(z.astype(lse.dtype) - lse[..., None])                            # (B, T, V)
+    counted, n = _counted(targets)
+    dz_target = jnp.take_along_axis(dz, jnp.where(counted, targets, 0)[..., None], -1)[..., 0]
+    return jnp.where(counted, (probs * dz).sum(-1) - dz_target, 0).sum() / n
+
+
+def logits_loss_jvp(residuals, tangents, *, tied, lora_scale=1.0, core=None, **_):
+    """Tangent of the loss. With chunks the logits are rebuilt whole, so forward mode holds a
+    (B, T, V) array (reverse mode does not)."""
+    x, w, b, targets, adapters, xa, softmax_state = residuals
+    dx, dw, db, _, dadapters = tangents
+    if core is not None and not adapters:
+        if core.jvp is None:
+            raise forward_mode_error(f"logits_loss (core {core.__name__})")
+        return core.jvp(softmax_state, (dx, dw, db, None), tied=tied)
+    if isinstance(softmax_state, tuple):
+        z, lse = softmax_state                                                       # kept logits
+    else:
+        lse = softmax_state
+        z, xa = lora_project_fwd(x, _out_weight(w, tied), b, adapters, parts=("logits",), scale=lora_scale)
+    dz = logits_jvp((x, w, b, adapters, xa), (dx, dw, db, dadapters), tied=tied, lora_scale=lora_scale)
+    return _dloss(z, lse, targets, dz)
+
+
+logits_loss = manual_vjp(logits_loss_fwd, logits_loss_bwd, jvp=logits_loss_jvp,
                          shapes=lambda tied, **_: _head_shapes(tied, "B T C", targets="int B T"))
 
 

@@ -5,6 +5,8 @@ GELU:  g(x) = ½ x (1 + t),  t = tanh(u),  u = sqrt(2/π)(x + 0.044715 x³)
 ReLU:  g(x) = max(x, 0),  g'(x) = [x > 0]
 MLP:   h = x W_fc + b_fc (B, T, F);  a = g(h);  y = a W_proj + b_proj (B, T, C)
        Δ_a = Δ W_proj^T;  Δ_h = Δ_a ∘ g'(h);  dx = Δ_h W_fc^T, and the linear layers' dw, db.
+Tangents:  activation dy = dx ∘ g'(x);  MLP dh = dx W_fc + x dW_fc + db_fc;  da = dh ∘ g'(h);
+           dy = da W_proj + a dW_proj + db_proj (with the LoRA terms of lora_project_jvp).
 """
 from __future__ import annotations
 
@@ -12,12 +14,12 @@ import math
 
 import jax.numpy as jnp
 
-from manual_grad.layers.lora import lora_project_bwd, lora_project_fwd, lora_project_ref
+from manual_grad.layers.lora import lora_project_bwd, lora_project_fwd, lora_project_jvp, lora_project_ref
 from manual_grad.vjp import manual_vjp
 
 __all__ = ["gelu", "gelu_fwd", "gelu_bwd", "gelu_ref", "gelu_grad",
-           "relu", "relu_fwd", "relu_bwd", "relu_ref", "relu_grad",
-           "mlp", "mlp_fwd", "mlp_bwd", "mlp_ref", "ACTIVATIONS"]
+           "relu", "relu_fwd", "relu_bwd", "relu_ref", "relu_grad", "activation_jvp",
+           "mlp", "mlp_fwd", "mlp_bwd", "mlp_jvp", "mlp_ref", "ACTIVATIONS"]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
@@ -45,7 +47,15 @@ def gelu_bwd(x, dy):
     return (dy * gelu_grad(x),)
 
 
-gelu = manual_vjp(gelu_fwd, gelu_bwd, shapes=dict(x="..."))
+def activation_jvp(grad):
+    """The tangent formula ``dy = dx ∘ g'(x)`` of an activation with derivative ``grad``."""
+    def jvp(x, tangents):
+        return tangents[0] * grad(x)
+    jvp.__name__ = grad.__name__.replace("_grad", "_jvp")
+    return jvp
+
+
+gelu = manual_vjp(gelu_fwd, gelu_bwd, jvp=activation_jvp(gelu_grad), shapes=dict(x="..."))
 
 
 # --- ReLU ------------------------------------------------------------------------------
@@ -69,7 +79,7 @@ def relu_bwd(x, dy):
     return (dy * relu_grad(x),)
 
 
-relu = manual_vjp(relu_fwd, relu_bwd, shapes=dict(x="..."))
+relu = manual_vjp(relu_fwd, relu_bwd, jvp=activation_jvp(relu_grad), shapes=dict(x="..."))
 
 # activation name -> (g, g')
 ACTIVATIONS = {"gelu": (gelu_ref, gelu_grad), "relu": (relu_ref, relu_grad)}
@@ -103,7 +113,18 @@ def mlp_bwd(activation, lora_scale, residuals, dy):
     return dx, dw_fc, db_fc, dw_proj, db_proj, {**dfc_adapters, **dproj_adapters}
 
 
-mlp = manual_vjp(mlp_fwd, mlp_bwd, shapes=dict(
+def mlp_jvp(residuals, tangents, *, activation, lora_scale=1.0):
+    x, h, w_fc, b_fc, w_proj, b_proj, adapters, xa_fc, xa_proj = residuals
+    dx, dw_fc, db_fc, dw_proj, db_proj, dadapters = tangents
+    act, act_grad = ACTIVATIONS[activation]
+    (fc_adapters, proj_adapters), (dfc, dproj) = _split_adapters(adapters), _split_adapters(dadapters)
+    dh = lora_project_jvp(x, w_fc, b_fc, fc_adapters, xa_fc, dx, dw_fc, db_fc, dfc,
+                          parts=("fc",), scale=lora_scale)                  # (B, T, F)
+    return lora_project_jvp(act(h), w_proj, b_proj, proj_adapters, xa_proj, dh * act_grad(h),
+                            dw_proj, db_proj, dproj, parts=("proj",), scale=lora_scale)
+
+
+mlp = manual_vjp(mlp_fwd, mlp_bwd, jvp=mlp_jvp, shapes=dict(
     x="... C", w_fc="C F", b_fc="optional F", w_proj="F C", b_proj="optional C"))
 
 
