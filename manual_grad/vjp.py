@@ -25,8 +25,8 @@ How the two are combined: the op is a ``jax.custom_jvp`` function whose tangent 
 ``checkpoint_name``, for ``jax.checkpoint`` policies) and
 then a :func:`~manual_grad.linear_map.linear_map` of the tangents whose transpose is ``bwd``.
 ``jax.jvp`` evaluates ``jvp``; ``jax.grad`` transposes the map and so runs ``bwd`` on the same
-residuals (``jvp`` is then never evaluated). Without ``jvp``, forward mode raises a
-``TypeError`` naming the op; reverse mode (and ``jax.hessian``, forward over reverse) works.
+residuals (``jvp`` is then never evaluated). Without ``jvp``, forward mode and reverse over
+reverse raise a ``TypeError`` naming the op; reverse mode and ``jax.hessian`` work.
 
 ``shapes`` declares the array inputs' shapes and dtypes (see :mod:`manual_grad.shapes`),
 checked when the op is called, so a wrong input raises a ``ValueError``/``TypeError`` naming
@@ -53,10 +53,11 @@ def forward_mode_error(name: str) -> TypeError:
     """The error of forward-mode autodiff on an op that has no hand-written tangent formula."""
     return TypeError(
         f"manual_grad op {name!r} has no hand-written tangent (JVP) formula, so forward-mode "
-        "autodiff (jax.jvp, jax.jacfwd, jax.linearize) cannot evaluate it: its derivative is only "
-        "defined through its hand-written backward. Use backend=\"autodiff\" (the plain-jnp twins) "
-        "for forward mode, or reverse mode: jax.grad, jax.jacrev, jax.jacrev(jax.jacrev(f)) and "
-        "jax.hessian work on the manual backend.")
+        "autodiff (jax.jvp, jax.jacfwd, jax.linearize) cannot evaluate it, nor can reverse over "
+        "reverse (grad of grad, jax.jacrev(jax.jacrev(f))), whose second pass transposes the "
+        "backward: its derivative is only defined through its hand-written backward. Use "
+        "backend=\"autodiff\" (the plain-jnp twins), or transformations that run only the "
+        "backward: jax.grad, jax.jacrev, vmap of them, and jax.hessian (forward over reverse).")
 
 
 class _Tangents(NamedTuple):

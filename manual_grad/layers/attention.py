@@ -291,6 +291,8 @@ def attention_bwd(n_head, causal, lora_scale, backward, tile, core, residuals, d
 
 # The inputs of self-attention (and of its variants): checked when the op is called.
 ATTENTION_SHAPES = dict(x="B T C", w_qkv="C 3*C", b_qkv="optional 3*C", w_o="C C", b_o="optional C")
+
+
 def attention_jvp(residuals, tangents, *, n_head, causal=True, lora_scale=1.0, core=None, **_):
     """Tangent of the layer. With the flash backward ρ is rebuilt whole from q and k, so forward
     mode holds a (B, H, T, T) array (reverse mode does not)."""
