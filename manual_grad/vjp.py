@@ -107,8 +107,8 @@ def _layout(primals, tangents):
 
 
 def _named(residuals, inputs, name):
-    """The residuals, each computed one tagged with ``checkpoint_name(r, name)`` for remat policies.
-    Residuals that are inputs themselves stay untagged: ``lax.scan`` then passes a layer's
+    """The residuals, those the op computes tagged ``checkpoint_name(r, name)`` for remat
+    policies. Residuals that are inputs themselves stay untagged: ``lax.scan`` then passes a layer's
     weights to the backward as they are instead of stacking a copy of them."""
     inputs = {id(leaf) for leaf in jax.tree.leaves(inputs)}
     return jax.tree.map(lambda r: r if id(r) in inputs else checkpoint_name(r, name), residuals)
