@@ -89,11 +89,25 @@ def test_model_gradients_layernorm_over_two_features(x64):
     assert_grads_match(cfg, 1, 1)
 
 
-@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+@settings(max_examples=4, **PROPERTY)
 @given(data=st.data())
 def test_model_gradients_property(data):
     """Hypothesis draws configs and shapes, edges included (T=1, head size 1, vocab 2,
-    all targets but one ignored)."""
+    all targets but one ignored); 4 examples here, 24 in the slow tier."""
+    check_model_gradients_property(data)
+
+
+@pytest.mark.slow
+@settings(max_examples=24, **PROPERTY)
+@given(data=st.data())
+def test_model_gradients_property_many(data):
+    check_model_gradients_property(data)
+
+
+def check_model_gradients_property(data):
     n_head = data.draw(st.sampled_from([1, 2, 4]), "n_head")
     head_size = data.draw(st.sampled_from([1, 2, 4]), "head_size")
     tied = data.draw(st.booleans(), "tied")

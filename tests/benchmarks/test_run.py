@@ -117,6 +117,7 @@ def test_doc_is_generated_from_results(quick, tmp_path):
     assert "## CPU" in text and "No GPU results" in text and "steps.png" in text
 
 
+@pytest.mark.slow
 def test_gpu_path_bfloat16_and_peak_subprocess_at_tiny_size(tmp_path):
     """The options a GPU run uses (bfloat16, the allocator peak measured in a fresh process)
     run here; on CPU the peak is reported as unavailable, with the reason."""
