@@ -107,3 +107,12 @@ def test_refuses_an_unsupported_dtype():
     q = jnp.ones((1, 1, 4, 8), jnp.bfloat16)
     with pytest.raises(RuntimeError, match="does not serve bfloat16"):
         cpu_attention(q, q, q, causal=True)
+
+
+def test_forward_mode_matches_the_twin(x64):
+    """jax.jvp runs the hand-written tangent (ρ rebuilt from q and k), not the kernel's backward."""
+    q, k, v, _ = qkv_dout(2, 2, 70, 8, jnp.float64, seed=5)
+    tangents = qkv_dout(2, 2, 70, 8, jnp.float64, seed=6)[:3]
+    out, tangent = jax.jvp(lambda *a: cpu_attention(*a, causal=True), (q, k, v), tuple(tangents))
+    out_ref, tangent_ref = jax.jvp(lambda *a: cpu_attention_ref(*a, causal=True), (q, k, v), tuple(tangents))
+    assert_trees_close((out, tangent), (out_ref, tangent_ref), "float64")
