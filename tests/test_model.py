@@ -92,18 +92,12 @@ def test_model_gradients_layernorm_over_two_features(x64):
 PROPERTY = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
-@settings(max_examples=4, **PROPERTY)
-@given(data=st.data())
-def test_model_gradients_property(data):
-    """Hypothesis draws configs and shapes, edges included (T=1, head size 1, vocab 2,
-    all targets but one ignored); 4 examples here, 24 in the slow tier."""
-    check_model_gradients_property(data)
-
-
 @pytest.mark.slow
 @settings(max_examples=24, **PROPERTY)
 @given(data=st.data())
 def test_model_gradients_property_many(data):
+    """Hypothesis draws configs and shapes, edges included (T=1, head size 1, vocab 2,
+    all targets but one ignored). The default tier's model fuzz is tests/test_fuzz.py."""
     check_model_gradients_property(data)
 
 
@@ -288,8 +282,11 @@ def test_lean_backward_needs_less_than_half_the_memory_of_autodiff():
     assert lean < 0.5 * autodiff and lean < paper, (lean, paper, autodiff)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("backward", ["lean", "paper"])
+@pytest.mark.parametrize("dtype,backward", [
+    ("bfloat16", "lean"),
+    pytest.param("bfloat16", "paper", marks=pytest.mark.slow),
+    pytest.param("float16", "lean", marks=pytest.mark.slow),
+    pytest.param("float16", "paper", marks=pytest.mark.slow)])
 def test_mixed_precision_tracks_float32(dtype, backward):
     """Half-precision compute with float32 parameters: same loss and gradients as float32 to
     half-precision rounding, gradients returned in float32."""
