@@ -154,6 +154,7 @@ def cpu_attention_jvp(residuals, tangents, *, causal=True):
 _QKV = "B H T D"
 cpu_attention = manual_vjp(cpu_attention_fwd, cpu_attention_bwd, jvp=cpu_attention_jvp,
                            shapes=dict(q=_QKV, k=_QKV, v=_QKV))
+cpu_attention.output = lambda residuals: _time_major(residuals[3])   # out (B, H, T, D), for the layer
 
 
 def cpu_attention_ref(q, k, v, *, causal=True):

@@ -196,6 +196,7 @@ def flash_attention_bwd(causal, residuals, dout):
 _QKV = "B H T D"
 flash_attention = manual_vjp(flash_attention_fwd, flash_attention_bwd,
                              shapes=dict(q=_QKV, k=_QKV, v=_QKV))
+flash_attention.output = lambda residuals: residuals[3]   # out (B, H, T, D), for the layer
 
 
 def flash_attention_ref(q, k, v, *, causal=True):

@@ -247,8 +247,9 @@ def attention_fwd(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, l
     (B, H, T) instead of ρ, and works on (tile, tile) tiles in both passes.
     ``core``: another op on (q, k, v) with the setting ``causal``, made by ``manual_vjp``
     (a fused kernel, :mod:`manual_grad.kernels`), whose fwd and bwd replace the core's; the
-    layer saves the core's residuals, not q, k, v a second time. Every path saves the merged
-    heads (B, T, C) for W_o's backward.
+    layer saves the core's residuals alone (q, k, v and the heads' output are among them, read
+    back with ``core.output``); the other paths save the merged heads (B, T, C) for W_o's
+    backward.
     """
     check_choice("backward", backward, BACKWARDS)
     qkv_adapters, o_adapters = _split_adapters(adapters)
@@ -263,13 +264,19 @@ def attention_fwd(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, l
     merged = merge_heads(heads)                                                      # (B, T, C)
     y, xa_o = lora_project_fwd(merged, w_o, b_o, o_adapters, parts=("o",), scale=lora_scale)
     if core is not None:
-        q = k = v = None                                      # the core's residuals hold them
+        q = k = v = merged = None                             # the core's residuals hold them
     return y, (x, q, k, v, merged, softmax_state, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o)
+
+
+def _merged_heads(merged, softmax_state, core):
+    """The merged heads (B, T, C): saved by the layer, or read from a core's residuals."""
+    return merge_heads(core.output(softmax_state)) if merged is None else merged
 
 
 def attention_bwd(n_head, causal, lora_scale, backward, tile, core, residuals, dy):
     x, q, k, v, merged, softmax_state, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o = residuals
     qkv_adapters, o_adapters = _split_adapters(adapters)
+    merged = _merged_heads(merged, softmax_state, core)
     dmerged, dw_o, db_o, do_adapters = lora_project_bwd(
         merged, w_o, b_o, o_adapters, xa_o, dy, parts=("o",), scale=lora_scale)        # (B, T, C)
     dheads = split_heads(dmerged, n_head)                                             # (B, H, T, D)
@@ -309,7 +316,8 @@ def attention_jvp(residuals, tangents, *, n_head, causal=True, lora_scale=1.0, c
     else:
         probs = softmax_state if softmax_state.ndim == q.ndim else _probs(q, k, causal)  # ρ, or from lse
         dheads = attend_jvp(q, k, v, probs, dq, dk, dv)
-    return lora_project_jvp(merged, w_o, b_o, o_adapters, xa_o, merge_heads(dheads),
+    return lora_project_jvp(_merged_heads(merged, softmax_state, core), w_o, b_o, o_adapters, xa_o,
+                            merge_heads(dheads),
                             dw_o, db_o, do_adapters, parts=("o",), scale=lora_scale)
 
 
