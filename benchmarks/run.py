@@ -307,7 +307,7 @@ def bench_step(plan: Plan, preset: str, seq_len: int, peak: dict, log, batch=Non
                                                    memory_temp=_ratio_or_none(m["temp"], a["temp"]))
     record["forward_backward_ratios"] = _ratios(fb_times, [("manual", p) for p in PEERS])
     log(f"step {preset:>16} B={batch:<3} T={seq_len:<5} " + " ".join(
-        f"{n} {times[n] and np.median(times[n]):.3f}s" for n in times) + " | fwd+bwd " + " ".join(
+        f"{n} {np.median(times[n]):.3f}s" for n in times) + " | fwd+bwd " + " ".join(
         f"{n} {np.median(fb_times[n]):.3f}s" for n in fb_times))
     return record
 

@@ -210,11 +210,15 @@ T* data(ffi::AnyBuffer& b) { return b.typed_data<T>(); }
 template <typename T>
 T* data(ffi::Result<ffi::AnyBuffer>& b) { return b->typed_data<T>(); }
 
-template <typename T>
-void forward_typed(ffi::ThreadPool& pool, ffi::AnyBuffer& q, ffi::AnyBuffer& k, ffi::AnyBuffer& v,
-                   ffi::Result<ffi::AnyBuffer>& out, ffi::Result<ffi::AnyBuffer>& lse,
-                   const Dims& d, bool causal) {
-  attention_forward(pool, data<T>(q), data<T>(k), data<T>(v), d, causal, data<T>(out), data<T>(lse));
+// Runs run(T{}) with T = float or double, the element type of q: one dtype switch for both
+// entry points.
+template <typename Run>
+ffi::Error for_dtype(const ffi::AnyBuffer& q, Run&& run) {
+  switch (q.element_type()) {
+    case ffi::F32: run(float{}); return ffi::Error::Success();
+    case ffi::F64: run(double{}); return ffi::Error::Success();
+    default: return ffi::Error::InvalidArgument("cpu attention kernel: float32 or float64 only");
+  }
 }
 
 ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
@@ -222,21 +226,10 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
                         bool causal) {
   Dims d;
   if (auto e = dims_of(q, &d); e.failure()) return e;
-  switch (q.element_type()) {
-    case ffi::F32: forward_typed<float>(pool, q, k, v, out, lse, d, causal); break;
-    case ffi::F64: forward_typed<double>(pool, q, k, v, out, lse, d, causal); break;
-    default: return ffi::Error::InvalidArgument("cpu attention kernel: float32 or float64 only");
-  }
-  return ffi::Error::Success();
-}
-
-template <typename T>
-void backward_typed(ffi::ThreadPool& pool, ffi::AnyBuffer& q, ffi::AnyBuffer& k, ffi::AnyBuffer& v,
-                    ffi::AnyBuffer& out, ffi::AnyBuffer& lse, ffi::AnyBuffer& dout,
-                    ffi::Result<ffi::AnyBuffer>& dq, ffi::Result<ffi::AnyBuffer>& dk,
-                    ffi::Result<ffi::AnyBuffer>& dv, const Dims& d, bool causal) {
-  attention_backward(pool, data<T>(q), data<T>(k), data<T>(v), data<T>(out), data<T>(lse),
-                     data<T>(dout), d, causal, data<T>(dq), data<T>(dk), data<T>(dv));
+  return for_dtype(q, [&](auto zero) {
+    using T = decltype(zero);
+    attention_forward(pool, data<T>(q), data<T>(k), data<T>(v), d, causal, data<T>(out), data<T>(lse));
+  });
 }
 
 ffi::Error backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
@@ -245,12 +238,11 @@ ffi::Error backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer 
                          ffi::Result<ffi::AnyBuffer> dv, bool causal) {
   Dims d;
   if (auto e = dims_of(q, &d); e.failure()) return e;
-  switch (q.element_type()) {
-    case ffi::F32: backward_typed<float>(pool, q, k, v, out, lse, dout, dq, dk, dv, d, causal); break;
-    case ffi::F64: backward_typed<double>(pool, q, k, v, out, lse, dout, dq, dk, dv, d, causal); break;
-    default: return ffi::Error::InvalidArgument("cpu attention kernel: float32 or float64 only");
-  }
-  return ffi::Error::Success();
+  return for_dtype(q, [&](auto zero) {
+    using T = decltype(zero);
+    attention_backward(pool, data<T>(q), data<T>(k), data<T>(v), data<T>(out), data<T>(lse),
+                       data<T>(dout), d, causal, data<T>(dq), data<T>(dk), data<T>(dv));
+  });
 }
 
 }  // namespace
