@@ -18,6 +18,7 @@ from manual_grad import kernels, layers
 from manual_grad.config import GPTConfig
 from manual_grad.layers.kv_cache import attention_cached
 from manual_grad.layers.loss import IGNORE_INDEX
+from manual_grad.seq_parallel import seq_split
 
 __all__ = ["init_params", "attach_lora", "merge_lora", "split_lora", "forward", "loss_fn",
            "count_params", "embed", "block", "blocks", "final_norm", "head", "BACKENDS", "IGNORE_INDEX"]
@@ -266,9 +267,10 @@ def _dropout(cfg: GPTConfig, dropout_key):
 
 
 def block(x, p: Params, adapters: Params, cfg: GPTConfig, backend: str = "manual", *, rate: float = 0.0,
-          keys=(None, None), cache=None, pos=0, tap: Tap | None = None):
+          keys=(None, None), cache=None, pos=0, tap: Tap | None = None, attention_core=None):
     """One pre-LN transformer block on x (B, T, C): ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``,
-    with dropout ``rate`` on each branch. Returns ``(x, cache)``.
+    with dropout ``rate`` on each branch. Returns ``(x, cache)``. ``attention_core``: replaces
+    the attention layer's core (the ring when the time axis is split over a mesh).
 
     ``p``/``adapters``: one layer's slice of ``params["blocks"]`` / ``params["lora"]["blocks"]``.
     ``cache``: this block's (K, V) (B, H, S, D) for decoding; x then holds the tokens at
@@ -276,6 +278,8 @@ def block(x, p: Params, adapters: Params, cfg: GPTConfig, backend: str = "manual
     ``tap(name, value)`` sees every op's output (:mod:`manual_grad.debug`).
     """
     ops, settings = BACKENDS[backend], _layer_settings(cfg, backend)
+    if attention_core is not None:
+        settings["attention"]["core"] = attention_core
     key_attn, key_mlp = keys
     attn, mlp = p["attn"], p["mlp"]
     h = _tapped(tap, "blocks/ln1", ops.layernorm(x, p["ln1"]["scale"], p["ln1"]["bias"], **settings["layernorm"]))
@@ -295,7 +299,7 @@ def block(x, p: Params, adapters: Params, cfg: GPTConfig, backend: str = "manual
 
 
 def blocks(params: Params, x, cfg: GPTConfig, backend: str = "manual", *, dropout_key=None, cache=None,
-           pos=0, tap: Tap | None = None):
+           pos=0, tap: Tap | None = None, attention_core=None):
     """Every block, by ``lax.scan`` over the stacked layers: ``(x (B, T, C), cache)``.
 
     ``cache``: (K, V) each (L, B, H, S, D), or None. Dropout when ``dropout_key`` is given and
@@ -308,7 +312,7 @@ def blocks(params: Params, x, cfg: GPTConfig, backend: str = "manual", *, dropou
     def step(x, layer):
         p, adapters, layer_keys, layer_cache = layer
         return block(x, p, adapters, cfg, backend, rate=rate, keys=(layer_keys[0], layer_keys[1]),
-                     cache=layer_cache, pos=pos, tap=tap)
+                     cache=layer_cache, pos=pos, tap=tap, attention_core=attention_core)
     return jax.lax.scan(step, x, (params["blocks"], lora.get("blocks", {}), keys, cache))
 
 
@@ -335,10 +339,15 @@ def head(params: Params, x, cfg: GPTConfig, backend: str = "manual", *, tap: Tap
     return _tapped(tap, "logits", logits)
 
 
-def _hidden(params: Params, inputs, cfg: GPTConfig, backend: str, dropout_key, tap) -> jax.Array:
-    """Token ids (B, T) -> the last block's output (B, T, C)."""
+def _hidden(params: Params, inputs, cfg: GPTConfig, backend: str, dropout_key, tap, core=None) -> jax.Array:
+    """Token ids (B, T) -> the last block's output (B, T, C); ``core``: attention's, if not the default."""
     x = embed(params, inputs, cfg, backend, dropout_key=dropout_key, tap=tap)
-    return blocks(params, x, cfg, backend, dropout_key=dropout_key, tap=tap)[0]
+    return blocks(params, x, cfg, backend, dropout_key=dropout_key, tap=tap, attention_core=core)[0]
+
+
+def _split(inputs, cfg: GPTConfig, backend: str, mesh):
+    """The time axis split over ``mesh``'s seq axis (:mod:`manual_grad.seq_parallel`), or None."""
+    return seq_split(mesh, inputs.shape, causal=cfg.causal, backend=backend, tile=cfg.attn_block_size)
 
 
 def _head(params: Params, cfg: GPTConfig):
@@ -350,29 +359,40 @@ def _head(params: Params, cfg: GPTConfig):
 
 
 def forward(params: Params, inputs, cfg: GPTConfig, backend: str = "manual", *,
-            dropout_key: jax.Array | None = None, tap: Tap | None = None) -> jax.Array:
+            dropout_key: jax.Array | None = None, tap: Tap | None = None, mesh=None) -> jax.Array:
     """Logits (B, T, V) for token ids ``inputs`` (B, T). Dropout only when ``dropout_key`` is given;
-    ``tap(name, value)`` sees every op's output."""
+    ``tap(name, value)`` sees every op's output; ``mesh``: as for :func:`loss_fn`."""
     _check_call(params, inputs, cfg, backend)
-    params = _compute_params(params, cfg)
-    return head(params, _hidden(params, inputs, cfg, backend, dropout_key, tap), cfg, backend, tap=tap)
+    params, split = _compute_params(params, cfg), _split(inputs, cfg, backend, mesh)
+    core = None if split is None else split.core
+
+    def logits(params, inputs, key):
+        return head(params, _hidden(params, inputs, cfg, backend, key, tap, core), cfg, backend, tap=tap)
+    return logits(params, inputs, dropout_key) if split is None else split.forward(logits, params, inputs, dropout_key)
 
 
 def loss_fn(params: Params, inputs, targets, cfg: GPTConfig, backend: str = "manual", *,
-            dropout_key: jax.Array | None = None, tap: Tap | None = None) -> jax.Array:
+            dropout_key: jax.Array | None = None, tap: Tap | None = None, mesh=None) -> jax.Array:
     """Mean next-token cross-entropy over the counted targets (a target of -100 is ignored).
 
     ``jax.grad(loss_fn)`` runs the hand-written backwards with ``backend="manual"`` (the lean
     or the paper variant, by ``cfg.backward``) and JAX's autodiff of the plain-jnp twins with
-    ``backend="autodiff"``. The loss is computed in at least float32.
+    ``backend="autodiff"``. The loss is computed in at least float32. ``mesh``: a mesh from
+    :func:`manual_grad.parallel.make_mesh`; with a ``seq`` axis the time axis is split over it
+    and attention runs as ring attention (:mod:`manual_grad.seq_parallel`).
     """
     _check_call(params, inputs, cfg, backend)
     _check_ids("targets", targets, cfg, allow_ignore=True)
     if targets.shape != inputs.shape:
         raise ValueError(f"targets must have the shape of inputs {tuple(inputs.shape)}, "
                          f"got {tuple(targets.shape)}")
-    params = _compute_params(params, cfg)
-    x = final_norm(params, _hidden(params, inputs, cfg, backend, dropout_key, tap), cfg, backend, tap=tap)
-    w, b, adapters = _head(params, cfg)
-    loss = BACKENDS[backend].logits_loss(x, w, b, targets, adapters, **_layer_settings(cfg, backend)["loss"])
-    return _tapped(tap, "logits+loss", loss)
+    params, split = _compute_params(params, cfg), _split(inputs, cfg, backend, mesh)
+    core = None if split is None else split.core
+
+    def loss(params, inputs, targets, key):
+        x = final_norm(params, _hidden(params, inputs, cfg, backend, key, tap, core), cfg, backend, tap=tap)
+        w, b, adapters = _head(params, cfg)
+        mean = BACKENDS[backend].logits_loss(x, w, b, targets, adapters, **_layer_settings(cfg, backend)["loss"])
+        return _tapped(tap, "logits+loss", mean)
+    return loss(params, inputs, targets, dropout_key) if split is None else split.loss(
+        loss, params, inputs, targets, dropout_key)

@@ -19,7 +19,9 @@ Modes (the ``mode`` argument of :func:`state_shardings`):
   axis size, so each of N devices holds ~1/N of it.
 
 A ``model`` axis in the mesh (``"data=4,model=2"``) adds Megatron-style tensor parallelism of
-the transformer blocks (see :data:`TENSOR_PARALLEL_RULES`), on top of either mode.
+the transformer blocks (see :data:`TENSOR_PARALLEL_RULES`), on top of either mode. A ``seq``
+axis (``"data=2,seq=4"``) splits the time axis: ``loss_fn(..., mesh=mesh)`` then runs attention
+as ring attention (:mod:`manual_grad.seq_parallel`); the state is replicated over ``seq``.
 
 The step can be any function ``(state, batch, key) -> (state, metrics)`` over any state pytree,
 e.g. :func:`manual_grad.training.step.train_step`.
@@ -35,13 +37,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["DATA_AXIS", "MODEL_AXIS", "MODES", "TENSOR_PARALLEL_RULES", "parse_mesh_spec",
+__all__ = ["DATA_AXIS", "MODEL_AXIS", "SEQ_AXIS", "AXES", "MODES", "TENSOR_PARALLEL_RULES", "parse_mesh_spec",
            "make_mesh", "partition_spec", "state_shardings", "batch_sharding", "replicated",
            "shard_state", "shard_batch", "jit_sharded_step", "initialize_distributed",
            "gather_to_host"]
 
 DATA_AXIS = "data"     # the batch (and, in FSDP mode, the state) is split over this axis
 MODEL_AXIS = "model"   # optional: tensor parallelism of attention heads and MLP
+SEQ_AXIS = "seq"       # optional: the time axis split over a ring (context parallelism)
+AXES = (DATA_AXIS, SEQ_AXIS, MODEL_AXIS)   # the mesh's axis order: model innermost
 MODES = ("replicated", "fsdp")
 
 # Megatron-style tensor parallelism over the ``model`` axis, by parameter name (the last key of
@@ -68,10 +72,10 @@ Pytree = Any
 # --- the mesh ------------------------------------------------------------------------------
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:
-    """``"data=8"`` -> ``{"data": 8}``; ``"data=4,model=2"`` -> ``{"data": 4, "model": 2}``.
+    """``"data=8"`` -> ``{"data": 8}``; ``"data=2,seq=2,model=2"`` -> ``{"data": 2, "seq": 2, "model": 2}``.
 
     One axis may be ``-1``: it takes all the devices the others leave. Axis names are
-    :data:`DATA_AXIS` and :data:`MODEL_AXIS`; ``data`` is required.
+    :data:`DATA_AXIS`, :data:`SEQ_AXIS` and :data:`MODEL_AXIS`; ``data`` is required.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"mesh must be a string like 'data=8' or 'data=4,model=2', got {spec!r}")
@@ -79,9 +83,9 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
     for part in spec.split(","):
         name, sep, size = part.strip().partition("=")
         name = name.strip()
-        if not sep or name not in (DATA_AXIS, MODEL_AXIS) or name in axes:
+        if not sep or name not in AXES or name in axes:
             raise ValueError(f"mesh: bad axis {part.strip()!r} in {spec!r}; expected distinct "
-                             f"'{DATA_AXIS}=N' and optionally '{MODEL_AXIS}=M'")
+                             f"'{DATA_AXIS}=N' and optionally '{SEQ_AXIS}=S', '{MODEL_AXIS}=M'")
         try:
             axes[name] = int(size)
         except ValueError:
@@ -97,8 +101,10 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
 
 def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A :class:`Mesh` over ``devices`` (default: all devices of all processes) for a spec as
-    :func:`parse_mesh_spec` reads it (or its dict), with axes in the order data, model. Axes are ``AxisType.Auto``: shardings are given at the jit boundary
-    and XLA's partitioner propagates them through the model."""
+    :func:`parse_mesh_spec` reads it (or its dict), with axes in the order data, seq, model
+    (neighbours on the ring and in a tensor-parallel group are adjacent devices). Axes are
+    ``AxisType.Auto``: shardings are given at the jit boundary and XLA's partitioner
+    propagates them through the model (the ring runs inside ``shard_map``)."""
     if not isinstance(spec, str):
         spec = ",".join(f"{name}={size}" for name, size in dict(spec).items())
     axes = parse_mesh_spec(spec)
@@ -108,7 +114,7 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | Non
     size = math.prod(axes.values())
     if size == 0 or size > len(devices):
         raise ValueError(f"mesh: {spec} needs {max(size, known)} devices, {len(devices)} available")
-    names = tuple(n for n in (DATA_AXIS, MODEL_AXIS) if n in axes)
+    names = tuple(n for n in AXES if n in axes)
     shape = tuple(axes[n] for n in names)
     return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names),
                          devices=devices[:size])
@@ -169,7 +175,8 @@ def state_shardings(state: Pytree, mesh: Mesh, mode: str = "replicated", *,
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batch arrays (B, ...) split over ``data`` along B, replicated over ``model``."""
+    """Batch arrays (B, ...) split over ``data`` along B, replicated over ``model`` and ``seq``
+    (token ids are small: ``loss_fn`` puts the time axis in the ring's order and splits it)."""
     return NamedSharding(mesh, P(DATA_AXIS))
 
 

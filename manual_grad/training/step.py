@@ -21,21 +21,22 @@ from manual_grad.model import attach_lora, init_params, loss_fn
 __all__ = ["train_step", "make_train_step", "make_eval_fn", "init_state", "init_adapters", "fresh_params"]
 
 
-def train_step(state, batch, key, *, cfg: GPTConfig, optimizer, backend: str, frozen=None):
+def train_step(state, batch, key, *, cfg: GPTConfig, optimizer, backend: str, frozen=None, mesh=None):
     """One optimizer step on the batch ``(inputs, targets)`` (B, T): pure, jit- and shard-friendly.
 
     ``state = {"params": trainable, "opt_state": ..., "step": int32}``. With ``frozen`` (the
     base parameters of a LoRA fine-tune) the trainable tree is ``params["lora"]`` and the
     gradient is taken with respect to it alone. ``key`` drives dropout (used when
     ``cfg.dropout > 0``; None: no dropout). Metrics: ``loss`` (before the step) and
-    ``grad_norm`` (before clipping); under ``jit`` an unused metric costs nothing.
+    ``grad_norm`` (before clipping); under ``jit`` an unused metric costs nothing. ``mesh``:
+    passed to :func:`~manual_grad.model.loss_fn` (a ``seq`` axis splits the time axis over a ring).
     """
     inputs, targets = batch
     dropout_key = key if cfg.dropout > 0 else None
 
     def loss_of(trainable):
         params = trainable if frozen is None else {**frozen, "lora": trainable}
-        return loss_fn(params, inputs, targets, cfg, backend, dropout_key=dropout_key)
+        return loss_fn(params, inputs, targets, cfg, backend, dropout_key=dropout_key, mesh=mesh)
 
     loss, grads = jax.value_and_grad(loss_of)(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -45,19 +46,21 @@ def train_step(state, batch, key, *, cfg: GPTConfig, optimizer, backend: str, fr
     return new_state, {"loss": loss, "grad_norm": grad_norm}
 
 
-def make_train_step(cfg: GPTConfig, optimizer, backend: str = "manual", *, frozen=None) -> Callable:
+def make_train_step(cfg: GPTConfig, optimizer, backend: str = "manual", *, frozen=None, mesh=None) -> Callable:
     """``jax.jit`` of :func:`train_step`: ``step(state, batch, key) -> (state, metrics)``.
 
     ``frozen`` is passed to the compiled function as an argument (not baked in as a constant).
+    ``mesh``: see :func:`train_step` (the shardings come from the arguments; for explicit
+    in/out shardings use :func:`manual_grad.parallel.jit_sharded_step`).
     """
-    jitted = _jitted_step(cfg, optimizer, backend)
+    jitted = _jitted_step(cfg, optimizer, backend, mesh)
     return lambda state, batch, key: jitted(frozen, state, batch, key)
 
 
 @lru_cache(maxsize=16)
-def _jitted_step(cfg: GPTConfig, optimizer, backend: str):
+def _jitted_step(cfg: GPTConfig, optimizer, backend: str, mesh=None):
     return jax.jit(lambda frozen, state, batch, key: train_step(
-        state, batch, key, cfg=cfg, optimizer=optimizer, backend=backend, frozen=frozen))
+        state, batch, key, cfg=cfg, optimizer=optimizer, backend=backend, frozen=frozen, mesh=mesh))
 
 
 def make_eval_fn(cfg: GPTConfig, backend: str = "manual", *, frozen=None) -> Callable:
