@@ -127,19 +127,30 @@ def check_finite_differences(op, args, settings=None, *, eps=1e-6, rtol=1e-5):
 
 def pairwise_grid(factors: dict[str, list]) -> list[dict]:
     """A small list of settings in which every pair of values of every two factors appears
-    together at least once (greedy all-pairs covering), deterministic."""
+    together at least once (greedy all-pairs covering), deterministic.
+
+    Each row is the candidate that covers the most uncovered pairs; ties go to the candidate whose
+    values have been used least so far, then to later values in each list. So list the edge
+    values (T = 1, one head, C = 1) first: they are never in the first row (which holds every
+    factor's last value) and appear only as often as covering their pairs needs, instead of
+    filling most rows as a lowest-index tie-break made them do.
+    """
     names = list(factors)
-    uncovered = {(a, va, b, vb) for a, b in itertools.combinations(names, 2)
-                 for va in range(len(factors[a])) for vb in range(len(factors[b]))}
+    pairs = list(itertools.combinations(range(len(names)), 2))
+    uncovered = {(i, c[i], j, c[j]) for c in itertools.product(*(range(len(factors[n])) for n in names))
+                 for i, j in pairs}
+    used = [[0] * len(factors[n]) for n in names]
     rows = []
     candidates = list(itertools.product(*(range(len(factors[n])) for n in names)))
     while uncovered:
-        def gain(c):
-            return sum((a, c[i], b, c[j]) in uncovered
-                       for (i, a), (j, b) in itertools.combinations(enumerate(names), 2))
-        best = max(candidates, key=gain)
+        def rank(c):
+            gain = sum((i, c[i], j, c[j]) in uncovered for i, j in pairs)
+            return gain, -sum(used[i][v] for i, v in enumerate(c)), c
+        best = max(candidates, key=rank)
         rows.append(best)
-        uncovered -= {(a, best[i], b, best[j]) for (i, a), (j, b) in itertools.combinations(enumerate(names), 2)}
+        for i, v in enumerate(best):
+            used[i][v] += 1
+        uncovered -= {(i, best[i], j, best[j]) for i, j in pairs}
     return [{n: factors[n][v] for n, v in zip(names, row)} for row in rows]
 
 

@@ -24,14 +24,27 @@ CASES = [dict(tied=True, bias=False), dict(tied=False, bias=False), dict(tied=Fa
 
 @pytest.mark.parametrize("case", pairwise_cases(
     dtype=["float64", "float32"], head=CASES, adapters=[False, True],
-    shape=[(1, 1, 2), (3, 5, 11)], ignore=[0.0, 0.5], chunk=[None, 4, 64]))
+    shape=[(1, 1, 2), (2, 5, 11), (3, 7, 13)], ignore=[0.0, 0.5], chunk=[None, 4, 6, 64]))
 def test_logits_loss_vjp_matches_autodiff(x64, case):
-    """Both backwards: the paper's (backward="paper", saves the logits) and the chunked one."""
+    """Both backwards: the paper's (backward="paper", saves the logits) and the chunked one.
+    chunk 4 and 6 split (2, 5) into 3 and 2 chunks and (3, 7) into 7 and 4 (the last padded,
+    except for 7 chunks of 1); 64 holds the batch in one chunk."""
     (B, T, V), head = case["shape"], case["head"]
     inputs = _inputs(case["dtype"], B, T, 6, V, head["tied"], head["bias"], case["adapters"],
                      ignore=case["ignore"])
     assert_vjp_matches(logits_loss, logits_loss_ref, inputs,
                        dict(tied=head["tied"], lora_scale=0.7, **backward_settings("chunk", case["chunk"])))
+
+
+@pytest.mark.parametrize("head", CASES, ids=lambda h: f"tied={h['tied']}-bias={h['bias']}")
+@pytest.mark.parametrize("chunk", [4, 6])
+def test_chunked_loss_padded_chunk_with_ignored_targets(x64, head, chunk):
+    """float64, B = 2, T = 5: chunks of 2 positions (the last padded by 1) or 3 (padded by 1), the
+    padded chunk holding an ignored target, and an ignored target in the first chunk."""
+    x, w, b, targets, lora = _inputs("float64", 2, 5, 6, 11, head["tied"], head["bias"], adapters=True, seed=3)
+    targets = targets.at[0, 4].set(IGNORE_INDEX).at[1, 0].set(IGNORE_INDEX)
+    assert_vjp_matches(logits_loss, logits_loss_ref, (x, w, b, targets, lora),
+                       dict(tied=head["tied"], lora_scale=0.7, backward="lean", chunk=chunk))
 
 
 @pytest.mark.parametrize("tied", [True, False])
