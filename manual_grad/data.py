@@ -115,15 +115,15 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _pretokenize_pattern():
-    """GPT-2's pre-tokenizer regex (contractions, letters, numbers, other, spaces). With the
-    ``regex`` package it is GPT-2's exact pattern; ``re`` lacks ``\\p{L}``/``\\p{N}`` and uses
-    the closest classes (letters ``[^\\W\\d_]``, numbers ``\\d``)."""
+    """GPT-2's pre-tokenizer regex (contractions, letters, numbers, other, spaces), compiled
+    with the ``regex`` package (a dependency): ``re`` has no ``\\p{L}``/``\\p{N}``, and any
+    stand-in would split some text differently from GPT-2, so without ``regex`` it is an error."""
     try:
         import regex
-        return regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-    except ImportError:   # pragma: no cover - regex comes with the interop extra
-        import re
-        return re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
+    except ImportError:
+        raise ImportError("the GPT-2 tokenizer needs the 'regex' package for GPT-2's exact pre-tokenizer "
+                          "(pip install regex)") from None
+    return regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
 
 class BPETokenizer:
@@ -134,6 +134,7 @@ class BPETokenizer:
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], source: str = ""):
         self.encoder = dict(vocab)
+        self.merges = [tuple(pair) for pair in merges]
         self.decoder = {i: t for t, i in self.encoder.items()}
         self.ranks = {pair: r for r, pair in enumerate(merges)}
         self.source = source
@@ -204,7 +205,17 @@ class BPETokenizer:
         return bytes(self._char_bytes[c] for c in chars).decode("utf-8", errors="replace")
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "source": self.source}
+        """The whole tokenizer (vocabulary and merges), so a checkpoint needs no outside file."""
+        return {"kind": self.kind, "source": self.source, "vocab": self.encoder,
+                "merges": [" ".join(pair) for pair in self.merges]}
+
+    def save(self, directory) -> None:
+        """Writes GPT-2's ``vocab.json`` and ``merges.txt`` to ``directory`` (read back by
+        :meth:`from_dir` and by ``transformers.GPT2Tokenizer``)."""
+        directory = Path(directory)
+        (directory / "vocab.json").write_text(json.dumps(self.encoder, ensure_ascii=False), encoding="utf-8")
+        lines = ["#version: 0.2", *(" ".join(pair) for pair in self.merges)]
+        (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def make_tokenizer(kind: str, text: str | None = None, *, bpe_dir=None):
@@ -224,12 +235,15 @@ def make_tokenizer(kind: str, text: str | None = None, *, bpe_dir=None):
 
 
 def tokenizer_from_dict(d: dict):
-    """Inverse of ``tokenizer.to_dict()`` (a gpt2 tokenizer re-reads its source folder)."""
+    """Inverse of ``tokenizer.to_dict()`` (a gpt2 tokenizer stored before it carried its
+    vocabulary re-reads its source folder)."""
     kind = d.get("kind")
     if kind == "char":
         return CharTokenizer(d["chars"])
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "gpt2" and "vocab" in d:
+        return BPETokenizer(d["vocab"], [tuple(m.split(" ")) for m in d["merges"]], source=d.get("source", ""))
     if kind == "gpt2":
         return BPETokenizer.from_dir(d["source"])
     raise ValueError(f"tokenizer: unknown kind {kind!r}")

@@ -74,6 +74,29 @@ def test_bpe_matches_transformers(tmp_path):
         assert ours.decode(ours.encode(text)) == text
 
 
+def test_bpe_checkpoint_dict_carries_vocab_and_merges(tmp_path):
+    """A checkpoint's tokenizer needs no outside file: the folder it came from can be gone."""
+    folder = tmp_path / "bpe"
+    folder.mkdir()
+    _write_bpe(folder, MERGES)
+    tok = BPETokenizer.from_dir(folder)
+    stored = json.loads(json.dumps(tok.to_dict()))
+    for name in ("vocab.json", "merges.txt"):
+        (folder / name).unlink()
+    again = tokenizer_from_dict(stored)
+    text = "the cat's in the hat 12"
+    assert again.encode(text).tolist() == tok.encode(text).tolist() and again.decode(again.encode(text)) == text
+    again.save(tmp_path)                                   # and writes GPT-2's files back
+    assert BPETokenizer.from_dir(tmp_path).encode(text).tolist() == tok.encode(text).tolist()
+
+
+def test_bpe_without_regex_is_an_error_not_a_different_split(tmp_path, monkeypatch):
+    _write_bpe(tmp_path, MERGES)
+    monkeypatch.setitem(__import__("sys").modules, "regex", None)      # import regex -> ImportError
+    with pytest.raises(ImportError, match="'regex' package"):
+        BPETokenizer.from_dir(tmp_path)
+
+
 def test_bpe_needs_both_files(tmp_path):
     (tmp_path / "vocab.json").write_text("{}")
     with pytest.raises(ValueError, match="merges.txt"):
