@@ -1,4 +1,4 @@
-"""The command line: ``python -m manual_grad {train,sample,finetune}`` (console script ``manual-grad``).
+"""The command line: ``python -m manual_grad {train,sample,finetune,export}`` (console script ``manual-grad``).
 
 The flags of ``train`` and ``finetune`` are generated from the fields of
 :class:`~manual_grad.training.config.TrainConfig`, its :class:`OptimizerConfig` and
@@ -6,8 +6,10 @@ The flags of ``train`` and ``finetune`` are generated from the fields of
 (``--batch-size``, ``--max-iters``); nanoGPT's model flags (``--n-layer``, ``--block-size`` ...)
 and ``--set FIELD=VALUE`` (repeatable) reach any :class:`~manual_grad.config.GPTConfig` field,
 e.g. ``--set backward=paper --set attn_block_size=256``. Bad input ends with a one-line
-``manual-grad: error: ...`` on stderr and exit status 2, never a traceback; an existing
-checkpoint that cannot be read is never overwritten.
+``manual-grad ...: error: ...`` on stderr and exit status 2, never a traceback (an ``OSError``
+on a path names its flag); a checkpoint is never replaced by a fresh run without
+``--overwrite``, and one that cannot be read never is. Ctrl-C during training saves the step
+reached and exits with status 130.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import types
 import typing
 from pathlib import Path
 
+from manual_grad import __version__
 from manual_grad.config import ACTIVATIONS, BACKWARDS, DTYPES, LORA_TARGETS, SCALE_CONVENTIONS, GPTConfig, LoRAConfig, check_int
 
 __all__ = ["main", "build_parser", "parse_set"]
@@ -36,14 +39,14 @@ LORA_CHOICES = {"convention": SCALE_CONVENTIONS}
 
 
 class UsageError(Exception):
-    """Bad command-line usage (reported on one line)."""
+    """Bad command-line usage; its message is the whole line (``manual-grad train: error: ...``)."""
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (no usage block) and never exits by itself."""
 
     def error(self, message):
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{self.prog}: error: {message}")
 
 
 def _int_at_least(minimum: int):
@@ -167,6 +170,7 @@ def _add_config_flags(p, command: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Train, sample and LoRA fine-tune GPTs whose gradients are written by hand.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a GPT from scratch (or --resume a run)",
@@ -193,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--init-from", metavar="DIR", help="run folder of the base model")
     base.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT-2 folder")
     _add_config_flags(finetune, "finetune")
+
+    export = sub.add_parser("export", help="write a run as a Hugging Face GPT-2 folder",
+                            description="Write the model in --out-dir (LoRA adapters merged) as config.json + "
+                                        "model.safetensors (+ vocab.json and merges.txt for a GPT-2 BPE run), "
+                                        "loadable with transformers.GPT2LMHeadModel.from_pretrained(DIR).")
+    export.add_argument("--out-dir", default="out", metavar="RUN", help="run folder to export (default out)")
+    export.add_argument("--to", required=True, metavar="DIR", help="folder to write (created)")
+    export.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in DIR")
     return parser
 
 
@@ -218,11 +230,14 @@ def _train_config(args):
 
     given = _given(args)
     fields = {"optim": {}, "lora": {}, "model": {}}
+    if given.get("resume") and given.get("overwrite"):
+        raise UsageError(f"{PROG} {args.command}: error: --resume and --overwrite are exclusive: "
+                         "continue the saved run or replace it")
     if getattr(args, "resume", False):
         out_dir = Path(given.get("out_dir", TrainConfig.out_dir))
         name = LORA_CHECKPOINT if args.command == "finetune" else CHECKPOINT
         saved = load_checkpoint(out_dir / name).meta.get("train_config", {})
-        fields = {k: v for k, v in saved.items() if k != "resume"}
+        fields = {k: v for k, v in saved.items() if k not in ("resume", "overwrite")}
         fields = {**fields, **{k: dict(fields.get(k) or {}) for k in ("optim", "lora", "model")}}
         optim = fields["optim"]
         if ("max_iters" in given and "lr_decay_iters" not in given["optim"]
@@ -256,14 +271,14 @@ def _run_sample(args) -> int:
     from manual_grad.loading import load_hf, load_model
 
     if args.temperature < 0:
-        raise UsageError(f"{PROG} sample: argument --temperature: expected a number >= 0, got {args.temperature}")
+        raise UsageError(f"{PROG} sample: error: argument --temperature: expected a number >= 0, got {args.temperature}")
     if args.from_hf:
         params, cfg, tokenizer = load_hf(args.from_hf)
     else:
         params, cfg, tokenizer = load_model(args.out_dir or "out")
     prompt = tokenizer.encode(args.prompt)
     if len(prompt) == 0:
-        raise UsageError(f"{PROG} sample: argument --prompt: must encode to at least one token")
+        raise UsageError(f"{PROG} sample: error: argument --prompt: must encode to at least one token")
     prompts = np.tile(prompt[None], (args.num_samples, 1))
     tokens = generate(params, cfg, prompts, args.max_new_tokens, key=jax.random.key(args.seed),
                       temperature=args.temperature, top_k=args.top_k)
@@ -275,20 +290,33 @@ def _run_sample(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _run_train, "finetune": _run_train, "sample": _run_sample}
+def _run_export(args) -> int:
+    from manual_grad.export import export_hf
+    folder = export_hf(args.out_dir, args.to, overwrite=args.overwrite)
+    print(f"wrote {', '.join(sorted(p.name for p in folder.iterdir()))} to {folder}")
+    return 0
 
 
-def main(argv=None) -> int:
+COMMANDS = {"train": _run_train, "finetune": _run_train, "sample": _run_sample, "export": _run_export}
+
+
+def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0, or 2 on bad input, 130 on Ctrl-C)."""
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except SystemExit as e:          # --help
+    except SystemExit as e:          # --help, --version
         return int(e.code or 0)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:   # the trainer's message says what was saved and how to resume
+        print(f"{PROG}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
-    except (UsageError, ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:
+        if isinstance(e, OSError) and e.filename is not None:      # a path no check caught
+            text = f"{e.filename}: {e.strerror or type(e).__name__}"
+        else:
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"{PROG}: error: {text}", file=sys.stderr)
         return 2

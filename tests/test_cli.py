@@ -1,17 +1,22 @@
 """The command line (manual_grad.cli): help, a tiny train/resume/sample round, one-line errors."""
+import importlib.metadata
 import json
+import re
 import subprocess
 import sys
+import time
 import types
 
 import jax
 import numpy as np
 import pytest
 
-from manual_grad import GPTConfig, LoRAConfig, init_params
-from manual_grad.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+import manual_grad
+from manual_grad import GPTConfig, LoRAConfig, init_params, train
+from manual_grad.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
 from manual_grad.cli import _train_config, build_parser, main
 from manual_grad.data import _bytes_to_unicode
+from manual_grad.paths import PathError, path_errors
 from manual_grad.training import TRAIN_MODEL, OptimizerConfig, TrainConfig
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "4",
@@ -167,6 +172,11 @@ def _bad_inputs(tmp_path, corpus):
         (["train", *data, "--tokenizer", "gpt2"], "bpe_dir"),
         (["train", *data, "--colour", "blue"], "unrecognized arguments: --colour"),
         (["train", "--resume", "--out-dir", str(tmp_path / "nothing")], "does not exist"),
+        (["train", "--data", str(corpus), "--out-dir", str(corpus)], "--out-dir '%s' is a file, not a folder" % corpus),
+        (["train", "--data", str(corpus), "--out-dir", str(corpus / "run")], "is a file, not a folder"),
+        (["train", *data, "--resume", "--overwrite"], "--resume and --overwrite are exclusive"),
+        (["export", "--out-dir", str(tmp_path / "nothing"), "--to", str(tmp_path / "out")], "does not exist"),
+        (["export", "--out-dir", str(tmp_path / "nothing")], "the following arguments are required: --to"),
         (["sample", "--out-dir", str(tmp_path / "nothing")], "does not exist"),
         (["finetune", *data], "one of the arguments --init-from --from-hf is required"),
         (["finetune", *data, "--init-from", str(tmp_path), "--lora-targets", "q,w"], "subset of q,k,v,o,fc,proj,logits"),
@@ -215,3 +225,50 @@ def test_sample_from_hf_folder(tmp_path, capsys, monkeypatch):
                  "--temperature", "0"]) == 0
     assert calls == [str(tmp_path)]
     assert capsys.readouterr().out.startswith("hi")
+
+
+def test_fresh_run_never_replaces_a_valid_checkpoint(run, corpus, tmp_path, capsys):
+    """Without --resume or --overwrite, a fresh train (CLI or Python) stops before any compute and
+    leaves the checkpoint byte for byte; with --overwrite it starts afresh."""
+    before = (run / "ckpt.mgc").read_bytes()
+    _fails(capsys, ["train", "--data", str(corpus), "--out-dir", str(run), "--max-iters", "2", *TINY],
+           "holds a run: continue it with --resume, replace it with --overwrite")
+    with pytest.raises(CheckpointError, match="overwrite"):
+        train(TrainConfig(data=str(corpus), out_dir=str(run), max_iters=2), log=sys.stderr)
+    assert (run / "ckpt.mgc").read_bytes() == before
+    (tmp_path / "ckpt.mgc").write_bytes(before)
+    assert main(["train", "--data", str(corpus), "--out-dir", str(tmp_path), "--overwrite", "--max-iters", "2",
+                 "--eval-interval", "2", *TINY]) == 0
+    assert load_checkpoint(tmp_path / "ckpt.mgc").meta["step"] == 2
+
+
+def test_usage_error_has_one_prefix(capsys):
+    assert main(["train", "--n-layer", "0"]) == 2
+    assert capsys.readouterr().err == "manual-grad train: error: argument --n-layer: expected a positive integer, got '0'\n"
+
+
+def test_version_is_the_package_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"manual-grad {manual_grad.__version__}\n"
+    assert importlib.metadata.version("manual-grad") == manual_grad.__version__
+
+
+def test_oversized_block_size_is_refused_in_seconds_with_the_estimate(tmp_path, capsys):
+    """T = 100,000 at batch 4096: XLA's estimate of the compiled step (hundreds of GiB) is read
+    before the first step and the run stops with it and the machine's memory."""
+    start = time.perf_counter()
+    assert main(["train", "--max-chars", "220000", "--val-fraction", "0.5", "--block-size", "100000",
+                 "--batch-size", "4096", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                 "--out-dir", str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - start < 120
+    *progress, error = capsys.readouterr().err.splitlines()              # the model, "compiling ...", the error
+    assert progress[-1].startswith("compiling the train step")
+    assert re.fullmatch(r"manual-grad: error: the train step needs about \d+\.\d GiB \(XLA's estimate of the "
+                        r"compiled step: .*\) but this machine's memory is \d+\.\d GiB .*", error), error
+    assert not (tmp_path / "out").exists()
+
+
+def test_os_errors_on_user_paths_name_the_flag(tmp_path):
+    with pytest.raises(PathError, match=r"^--to '.*': Permission denied$"):
+        with path_errors("--to", tmp_path):
+            raise PermissionError(13, "Permission denied", str(tmp_path))

@@ -39,10 +39,10 @@ def corpus(tmp_path_factory):
 def _poison_step(monkeypatch, bad_step: int, metric: str, value: float):
     """Makes training step ``bad_step`` report ``metric = value`` and leave NaN parameters,
     as a real overflow would."""
-    real = train_lib.make_train_step
+    real = train_lib.compile_step
 
-    def make(*args, **kwargs):
-        step_fn = real(*args, **kwargs)
+    def compile_step(run, state):
+        state, step_fn, put_batch = real(run, state)
 
         def step(state, batch, key):
             new_state, metrics = step_fn(state, batch, key)
@@ -50,8 +50,8 @@ def _poison_step(monkeypatch, bad_step: int, metric: str, value: float):
                 metrics = {**metrics, metric: jnp.float32(value)}
                 new_state = {**new_state, "params": jax.tree.map(lambda p: p * jnp.nan, new_state["params"])}
             return new_state, metrics
-        return step
-    monkeypatch.setattr(train_lib, "make_train_step", make)
+        return state, step, put_batch
+    monkeypatch.setattr(train_lib, "compile_step", compile_step)
 
 
 @pytest.mark.parametrize("metric, value", [("loss", np.nan), ("grad_norm", np.inf)])
@@ -172,3 +172,31 @@ def test_same_seed_gives_bitwise_identical_losses(corpus, tmp_path, steps):
     assert losses_a[-1] < losses_a[0]                                      # and it did train
     for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
         assert np.array_equal(a, b)
+
+
+def test_ctrl_c_saves_the_step_reached_and_resume_continues(corpus, tmp_path):
+    """SIGINT to a training process (as Ctrl-C sends it) once it has logged step 3: it writes a
+    checkpoint at the step reached, says how to resume and exits 130; --resume continues."""
+    argv = [sys.executable, "-m", "manual_grad", "train", "--data", str(corpus), "--out-dir", str(tmp_path),
+            "--max-iters", "100000", "--eval-interval", "100000", "--log-interval", "1", *FLAGS]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if ours ignores it
+    try:
+        for line in proc.stderr:
+            if line.startswith("step ") and "/100000" in line and int(line.split()[1].split("/")[0]) >= 3:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    message = err.strip().splitlines()[-1]
+    step = load_checkpoint(tmp_path / CHECKPOINT).meta["step"]
+    assert step >= 3
+    assert message == (f"manual-grad: interrupted: checkpoint {tmp_path / CHECKPOINT} holds step {step}; "
+                       f"continue with: manual-grad train --resume --out-dir {tmp_path}")
+    params, cfg, _ = loading.load_model(tmp_path)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+    assert main(["train", "--resume", "--out-dir", str(tmp_path), "--max-iters", str(step + 2)]) == 0
+    assert load_checkpoint(tmp_path / CHECKPOINT).meta["step"] == step + 2

@@ -102,6 +102,28 @@ def test_manual_and_autodiff_steps_agree():
     assert int(s_m["step"]) == 1
 
 
+def test_train_step_traces_once_across_steps_and_a_checkpoint_round_trip(tmp_path):
+    """The state a step returns, and the state a checkpoint restores, have the signature of the
+    first state: the jitted step never retraces (chex.assert_max_traces fails on a second trace)."""
+    chex = pytest.importorskip("chex")
+
+    from manual_grad.checkpoint import save_state
+    from manual_grad.training import init_state, train_step
+    cfg = GPTConfig.preset("tiny", n_layer=1, n_embd=16, n_head=2, block_size=8, dropout=0.1)
+    opt = make_optimizer(OptimizerConfig(lr_decay_iters=10))
+    def one_step(state, batch, key):
+        return train_step(state, batch, key, cfg=cfg, optimizer=opt, backend="manual")
+    step = jax.jit(chex.assert_max_traces(one_step, n=1))
+    state = init_state(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)), opt)
+    tokens = jax.random.randint(jax.random.key(1), (3, 4, 9), 0, cfg.vocab_size)
+    for i in range(3):
+        state, _ = step(state, (tokens[i, :, :-1], tokens[i, :, 1:]), jax.random.fold_in(jax.random.key(2), i))
+    save_state(tmp_path / "state.mgc", state=state)
+    restored = load_checkpoint(tmp_path / "state.mgc").restore("state", state)
+    restored, _ = step(restored, (tokens[0, :, :-1], tokens[0, :, 1:]), jax.random.key(3))
+    assert int(restored["step"]) == 4
+
+
 @pytest.fixture(scope="module")
 def straight(corpora, tmp_path_factory):
     """20 steps in one go, with dropout so the per-step keys matter too."""

@@ -113,6 +113,8 @@ class TrainConfig:
     log_interval: int = option(10, "steps between progress updates", metavar="N", minimum=1)
     seed: int = option(1337, "seeds initialisation, batches and dropout", minimum=0)
     resume: bool = option(False, "continue the run saved in --out-dir exactly; flags not given come from it")
+    overwrite: bool = option(False, "start afresh over the valid checkpoint in --out-dir (replaced at the first "
+                             "save); without it (or --resume) a fresh run refuses to replace one")
     sample_tokens: int = option(300, "tokens sampled and printed at the end; 0: none", metavar="N", minimum=0)
     sample_prompt: str | None = option(None, "prompt of that sample (default: 'def ' on the stdlib corpus, "
                                        "a newline on a file)", metavar="TEXT")
@@ -137,6 +139,8 @@ class TrainConfig:
             object.__setattr__(self, "optim", dataclasses.replace(self.optim, lr_decay_iters=self.max_iters))
         if self.tokenizer == "gpt2" and self.bpe_dir is None and self.from_hf is None:
             raise ValueError("tokenizer 'gpt2' needs bpe_dir (a folder with vocab.json and merges.txt)")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite are exclusive: continue the saved run or replace it")
         if self.init_from is not None and self.from_hf is not None:
             raise ValueError("init_from and from_hf are exclusive: fine-tune one base")
         if self.finetune and self.lora is None:

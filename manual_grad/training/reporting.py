@@ -4,28 +4,69 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+import time
 from pathlib import Path
 
 __all__ = ["Progress", "write_metrics", "plot_losses"]
 
 
-class Progress:
-    """A one-line progress bar on a terminal (``\\r``), plain log lines otherwise."""
+def _clock(seconds: float) -> str:
+    """``1:02:03`` / ``2:03``: a duration for the progress line."""
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
-    def __init__(self, total: int, stream, width: int = 24):
+
+class Progress:
+    """The progress of a run: on a terminal one line redrawn in place (``\\r``) and cut to the
+    terminal's width; otherwise one plain line per update.
+
+    ``update`` shows the step, loss, learning rate, tokens/s of the steps since the last update
+    (the caller times the steps alone: compilation and evaluation are not in it), the time
+    elapsed since :meth:`start` and the time left at the mean step time so far (ETA);
+    ``status`` names what is happening between updates (compiling, evaluating, saving).
+    """
+
+    def __init__(self, total: int, stream, width: int = 20, *, start_step: int = 0):
         self.total, self.stream, self.width = max(total, 1), stream, width
         self.live = hasattr(stream, "isatty") and stream.isatty()
+        self.start_step, self.t0 = start_step, time.perf_counter()
+        self.step_seconds, self.steps_timed = 0.0, 0
 
-    def update(self, step: int, text: str) -> None:
+    def start(self, step: int) -> None:
+        """The loop starts at ``step``: elapsed time and ETA count from now."""
+        self.start_step, self.t0 = step, time.perf_counter()
+
+    def _emit(self, line: str, *, keep: bool) -> None:
+        if self.live:             # a line redrawn in place must not wrap: a wrapped one leaves stale copies
+            columns = shutil.get_terminal_size((80, 24)).columns
+            line = line if keep else line[:max(columns - 1, 1)]
+            self.stream.write("\r" + line + "\033[K" + ("\n" if keep else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def update(self, step: int, loss: float, lr: float, tokens: int, seconds: float, steps: int) -> None:
+        """After ``step`` steps: ``steps`` of them, ``tokens`` tokens, took ``seconds`` of stepping."""
+        self.step_seconds += seconds
+        self.steps_timed += steps
+        per_step = self.step_seconds / self.steps_timed if self.steps_timed else None
         filled = int(self.width * step / self.total)
         bar = "#" * filled + "-" * (self.width - filled)
-        line = f"step {step:>{len(str(self.total))}}/{self.total} [{bar}] {text}"
-        self.stream.write(("\r" + line + "\033[K") if self.live else line + "\n")
-        self.stream.flush()
+        rate = f"{tokens / max(seconds, 1e-9):,.0f}" if steps else "-"
+        eta = _clock(per_step * (self.total - step)) if per_step is not None else "-"
+        line = (f"step {step:>{len(str(self.total))}}/{self.total} [{bar}] loss {loss:.4f} | lr {lr:.2e} | "
+                f"{rate} tok/s | {_clock(time.perf_counter() - self.t0)} elapsed, ETA {eta}")
+        self._emit(line, keep=not self.live)
+
+    def status(self, text: str) -> None:
+        """What runs now (until the next update or message): on a terminal it is replaced."""
+        self._emit(text + " ...", keep=not self.live)
 
     def message(self, text: str) -> None:
-        self.stream.write(("\r\033[K" if self.live else "") + text + "\n")
-        self.stream.flush()
+        """A line that stays."""
+        self._emit(text, keep=True)
 
 
 def write_metrics(out_dir: Path, history: dict, summary: dict) -> None:
