@@ -1,8 +1,13 @@
 """Property-based fuzzing (hypothesis): random layers, shapes, dtypes, configs and inputs.
 
-Valid draws: the hand-written backward equals autodiff of the ``*_ref`` twin. Invalid draws:
-the documented ``ValueError`` naming the argument. A few examples run in the default tier,
-hundreds under ``-m slow``.
+Valid draws: the hand-written backward equals autodiff of the ``*_ref`` twin within the one
+tolerance rule of :func:`tests.helpers.assert_trees_close` (``GRAD_RTOL``: 1e-12 in float64,
+1e-5 in float32, as DESIGN.md says). Invalid draws: the documented ``ValueError`` naming the
+argument. A few examples per layer kind run in the default tier, hundreds under ``-m slow``.
+
+Hypothesis tries the simplest draw first (the first value of a ``sampled_from``, the lowest of an
+``integers``), so sizes are drawn from lists that start with a general value (T = 5, head size 2)
+and end with the edges (T = 1, head size 1): the first examples are not degenerate.
 """
 import jax
 import jax.numpy as jnp
@@ -17,8 +22,8 @@ from manual_grad.layers.attention import attention, attention_ref
 from manual_grad.layers.layernorm import layernorm, layernorm_ref
 from manual_grad.layers.loss import IGNORE_INDEX, logits_loss, logits_loss_ref
 from manual_grad.layers.mlp import mlp, mlp_ref
-from tests.helpers import (assert_trees_close, assert_vjp_matches, backward_settings, both_backends, normal,
-                           random_tree)
+from tests.helpers import (GRAD_RTOL, assert_trees_close, assert_vjp_matches, backward_settings, both_backends,
+                           normal, random_tree)
 
 COMPILING = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
@@ -31,14 +36,23 @@ def tiers(default: int, slow: int):
 
 # --- layers: manual == autodiff ------------------------------------------------------------------
 
+LAYER_KINDS = ["attention", "mlp", "layernorm", "logits_loss"]
+
+
+def general_first(*values):
+    """A strategy over ``values`` whose simplest (first tried) draw is the first value."""
+    return st.sampled_from(values)
+
+
 @st.composite
-def layer_cases(draw):
+def layer_cases(draw, kind=None):
     """(op, ref, args, settings) for a random layer and shape, in float64: a tiny float32
     case (e.g. LayerNorm over C = 2, whose dx is analytically 0) can be pure cancellation
     noise in both backwards; float32 is drawn in the model cases below."""
-    kind = draw(st.sampled_from(["layernorm", "attention", "mlp", "logits_loss"]))
+    kind = kind or draw(st.sampled_from(LAYER_KINDS))
     dtype = "float64"
-    B, T, H, D = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    B, T = draw(general_first(2, 1)), draw(general_first(5, 6, 3, 2, 1))
+    H, D = draw(general_first(2, 1)), draw(general_first(2, 3, 1))
     C, bias = H * D, draw(st.booleans())
     k = iter(jax.random.split(jax.random.key(draw(st.integers(0, 2**16))), 8))
     n = lambda *shape: normal(next(k), shape, dtype)
@@ -48,33 +62,33 @@ def layer_cases(draw):
         return layernorm, layernorm_ref, (x, n(C), n(C)), dict(
             eps=draw(st.sampled_from([1e-5, 1e-2])), backward=draw(st.sampled_from(["paper", "lean"])))
     if kind == "attention":
-        block = draw(st.sampled_from([None, 1, 2, 4]))
+        block = draw(st.sampled_from([2, None, 4, 1]))
         return attention, attention_ref, (x, n(C, 3 * C), b(3 * C), n(C, C), b(C), {}), dict(
             n_head=H, causal=draw(st.booleans()), **backward_settings("tile", block))
     if kind == "mlp":
-        F = draw(st.integers(1, 8))
+        F = draw(general_first(5, 8, 3, 1))
         return mlp, mlp_ref, (x, n(C, F), b(F), n(F, C), b(C), {}), dict(
             activation=draw(st.sampled_from(["gelu", "relu"])))
-    V, tied = draw(st.integers(2, 9)), draw(st.booleans())
+    V, tied = draw(general_first(7, 9, 3, 2)), draw(st.booleans())
     targets = jax.random.randint(next(k), (B, T), 0, V)
-    targets = jnp.where(jax.random.uniform(next(k), (B, T)) < draw(st.sampled_from([0.0, 0.5, 1.0])),
+    targets = jnp.where(jax.random.uniform(next(k), (B, T)) < draw(st.sampled_from([0.5, 0.0, 1.0])),
                         IGNORE_INDEX, targets)
     return logits_loss, logits_loss_ref, (x, n(V, C) if tied else n(C, V), None if tied else b(V), targets, {}), dict(
-        tied=tied, **backward_settings("chunk", draw(st.sampled_from([None, 1, 3, 16]))))
+        tied=tied, **backward_settings("chunk", draw(st.sampled_from([3, None, 1, 16]))))
 
 
 def check_layer(case):
     op, ref, args, layer_settings = case
-    assert_vjp_matches(op, ref, args, layer_settings, rtol=1e-9)
+    assert_vjp_matches(op, ref, args, layer_settings)
 
 
-LAYERS_DEFAULT, LAYERS_SLOW = tiers(4, 200)
+LAYERS_DEFAULT, LAYERS_SLOW = tiers(3, 200)
 
 
-@LAYERS_DEFAULT
-@given(case=layer_cases())
-def test_layers_match_autodiff(x64, case):
-    check_layer(case)
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_layers_match_autodiff(x64, kind):
+    """A few draws of every layer kind (MLP included) in the default tier."""
+    LAYERS_DEFAULT(given(case=layer_cases(kind))(check_layer))()
 
 
 @pytest.mark.slow
@@ -89,23 +103,23 @@ def test_layers_match_autodiff_many(x64, case):
 @st.composite
 def model_cases(draw):
     """(cfg, params, inputs, targets) of a random small GPT and batch, float32 or float64."""
-    H, D = draw(st.integers(1, 2)), draw(st.integers(1, 4))
+    H, D = draw(general_first(2, 1)), draw(general_first(3, 2, 4, 1))
     lora = None
     if draw(st.booleans()):
         targets = draw(st.lists(st.sampled_from(LORA_TARGETS), min_size=1, max_size=3, unique=True))
-        lora = LoRAConfig(rank=draw(st.integers(1, H * D)), alpha=2.0, targets=tuple(targets))
+        lora = LoRAConfig(rank=min(H * D, draw(general_first(2, 1, 4))), alpha=2.0, targets=tuple(targets))
     tied = draw(st.booleans())
-    cfg = GPTConfig(vocab_size=draw(st.integers(max(2, H * D), 17)), block_size=draw(st.integers(1, 8)),
-                    n_layer=draw(st.integers(1, 2)), n_head=H, n_embd=H * D, mlp_ratio=draw(st.integers(1, 2)),
+    cfg = GPTConfig(vocab_size=max(H * D, draw(general_first(11, 17, 5, 2))), block_size=draw(general_first(6, 8, 3, 1)),
+                    n_layer=draw(general_first(2, 1)), n_head=H, n_embd=H * D, mlp_ratio=draw(general_first(2, 1)),
                     activation=draw(st.sampled_from(["gelu", "relu"])), tied_embeddings=tied,
                     lm_head_bias=not tied and draw(st.booleans()), bias=draw(st.booleans()),
                     causal=draw(st.booleans()), backward=draw(st.sampled_from(["lean", "paper"])),
-                    attn_block_size=draw(st.integers(1, 4)), loss_chunk=draw(st.integers(1, 8)), lora=lora,
+                    attn_block_size=draw(general_first(2, 4, 3, 1)), loss_chunk=draw(general_first(4, 8, 3, 1)), lora=lora,
                     dtype=draw(st.sampled_from(["float32", "float64"])))
     seed = draw(st.integers(0, 2**16))
     params = init_params(cfg, jax.random.key(seed))
     params = jax.tree.map(jnp.add, params, random_tree(jax.random.key(seed + 1), params, 0.3))
-    B, T = draw(st.integers(1, 2)), draw(st.integers(1, cfg.block_size))
+    B, T = draw(general_first(2, 1)), min(cfg.block_size, draw(general_first(5, 8, 2, 1)))
     k1, k2, k3 = jax.random.split(jax.random.key(seed + 2), 3)
     targets = jnp.where(jax.random.uniform(k3, (B, T)) < 0.3, IGNORE_INDEX,
                         jax.random.randint(k2, (B, T), 0, cfg.vocab_size))
@@ -114,13 +128,13 @@ def model_cases(draw):
 
 def check_model(case):
     cfg, params, inputs, targets = case
-    tol = 1e-4 if cfg.dtype == "float32" else 1e-9
+    tol = GRAD_RTOL[cfg.dtype]
     (loss, grads), (loss_ref, grads_ref) = both_backends(cfg, params, inputs, targets)
     assert np.isfinite(float(loss)) and abs(float(loss) - float(loss_ref)) <= tol * max(float(loss_ref), 1.0)
-    assert_trees_close(grads, grads_ref, cfg.dtype, rtol=tol)
+    assert_trees_close(grads, grads_ref, cfg.dtype)
 
 
-MODEL_DEFAULT, MODEL_SLOW = tiers(2, 200)
+MODEL_DEFAULT, MODEL_SLOW = tiers(4, 200)
 
 
 @MODEL_DEFAULT
