@@ -10,6 +10,8 @@ It measures; the assertions live in the tests.
     python -m tests.parallel_worker save --mesh data=4 --path state.mgc
     python -m tests.parallel_worker resume --mesh data=8 --path state.mgc
     python -m tests.parallel_worker multihost --mesh data=8 --path state.mgc   # one per process
+    python -m tests.parallel_worker ring --op --meshes data=2,seq=4 --causal 1 --T 48
+    python -m tests.parallel_worker ring_memory --T 2048 --seqs 1 2 4 8
 """
 from __future__ import annotations
 
@@ -23,8 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from manual_grad import GPTConfig, init_params, loss_fn, parallel
+from jax.sharding import PartitionSpec as P
+
+from manual_grad import GPTConfig, forward, init_params, loss_fn, parallel
 from manual_grad.checkpoint import load_state, save_state
+from manual_grad.layers.attention import attend_ref
+from manual_grad.layers.ring_attention import ring_attend, ring_attend_ref, ring_order
 from tests.helpers import rel_err
 
 # A model whose every large dimension divides by 8 (V=64, T=8, C=32, F=128, 4 heads).
@@ -58,14 +64,14 @@ def optimizer(name: str) -> optax.GradientTransformation:
 
 
 def make_step(cfg: GPTConfig, opt: optax.GradientTransformation, backend: str, *,
-              report_updates: bool = False):
+              report_updates: bool = False, mesh=None):
     """``(state, batch, key) -> (state, metrics)``: one optimizer step on ``loss_fn``; with
     ``report_updates`` the metrics also hold the optimizer's updates (new - old parameters,
     before rounding against the parameters)."""
     def step(state, batch, key):
         inputs, targets = batch
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], inputs, targets, cfg, backend,
-                                                  dropout_key=key)
+                                                  dropout_key=key, mesh=mesh)
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "updates": updates} if report_updates else {"loss": loss}
@@ -183,8 +189,8 @@ def total(state) -> float:
 def cmd_save(args) -> dict:
     """Trains one step on ``--mesh`` (FSDP), saves, and reports the next step's loss."""
     cfg, opt = GPTConfig(**CONFIG), optimizer("adamw")
-    step = make_step(cfg, opt, "manual")
     mesh = parallel.make_mesh(args.mesh)
+    step = make_step(cfg, opt, "manual", mesh=mesh)   # a seq axis: ring attention
     shardings = parallel.state_shardings(init_state(cfg, opt), mesh, "fsdp")
     jitted = parallel.jit_sharded_step(step, shardings, mesh)
     state = parallel.shard_state(init_state(cfg, opt), shardings)
@@ -251,6 +257,93 @@ def multihost_loss(metrics) -> float:
     return float(np.asarray(parallel.gather_to_host(metrics)["loss"]))
 
 
+# --- ring attention (a seq axis) ------------------------------------------------------------
+
+RING_CONFIG = dict(vocab_size=64, block_size=48, n_layer=2, n_head=4, n_embd=32, attn_block_size=4)
+
+
+def ring_batch(B: int, T: int, seed: int = 1):
+    """(inputs, targets) (B, T); some targets ignored, a whole quarter of the first row among them."""
+    inputs = jax.random.randint(jax.random.key(seed), (B, T), 0, RING_CONFIG["vocab_size"])
+    targets = jnp.roll(inputs, -1, axis=1).at[:, -1].set(-100).at[0, :T // 4].set(-100)
+    return np.asarray(inputs), np.asarray(targets)
+
+
+def ring_op_errors(n: int, causal: bool, T: int) -> dict:
+    """The op on a ring of n devices against its twin (which gathers K/V) and against plain
+    attention in the natural order: outputs and the gradients of sum(out * g) wrt q, k, v."""
+    mesh = parallel.make_mesh(f"data=1,seq={n}")
+    spec = P(None, None, "seq", None)
+    q, k, v, g = (jax.random.normal(key, (2, 2, T, 4), jnp.float64) for key in jax.random.split(jax.random.key(0), 4))
+
+    def on_ring(op):
+        attend = jax.shard_map(lambda q, k, v: op(q, k, v, causal=causal, axis="seq", n=n, tile=4), mesh=mesh,
+                               in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v) * g), (0, 1, 2)))
+
+    order = ring_order(T, n, causal)
+    natural = np.argsort(order)
+    plain = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend_ref(
+        *(a[..., natural, :] for a in (q, k, v)), causal=causal)[..., order, :] * g), (0, 1, 2)))
+    ring, twin, ref = on_ring(ring_attend)(q, k, v), on_ring(ring_attend_ref)(q, k, v), plain(q, k, v)
+    return {"twin": worst(ring, twin)[0], "plain": worst(ring, ref)[0]}
+
+
+def ring_model_errors(spec: str, causal: bool, T: int, with_forward: bool) -> dict:
+    """float64 loss and every gradient of loss_fn on ``spec`` (state placed by the tensor-parallel
+    rules) against one device; the step's collectives and its all-gathers' result shapes."""
+    cfg = GPTConfig(**RING_CONFIG, dtype="float64", causal=causal)
+    params, (inputs, targets) = init_params(cfg, jax.random.key(0)), ring_batch(4, T)
+    ref = jax.jit(jax.value_and_grad(lambda p, i, t: loss_fn(p, i, t, cfg)))(params, inputs, targets)
+    mesh = parallel.make_mesh(spec)
+    placed = parallel.shard_state(params, parallel.state_shardings(params, mesh))
+    batch = parallel.shard_batch((inputs, targets), mesh)
+    step = jax.jit(jax.value_and_grad(lambda p, i, t: loss_fn(p, i, t, cfg, mesh=mesh)))
+    compiled = step.lower(placed, *batch).compile()
+    got = compiled(placed, *batch)
+    hlo = compiled.as_text()
+    gathers = re.findall(r"=\s*(\S+)\s+all-gather(?:-start)?\(", hlo)
+    out = {"loss": rel_err(got[0], ref[0]), "grads": worst(got[1], ref[1]),
+           "collectives": collective_bytes(hlo), "all_gather_shapes": gathers}
+    if with_forward:
+        logits = jax.jit(lambda p, i: forward(p, i, cfg, mesh=mesh))(placed, batch[0])
+        out["logits"] = rel_err(logits, forward(params, inputs, cfg))
+    return out
+
+
+def cmd_ring(args) -> dict:
+    """Ring attention checks at tiny sizes in one process: the op (``--op``), then the model's
+    loss and gradients on each of ``--meshes``, and the error of a T the ring cannot split."""
+    out = {}
+    if args.op:
+        out["op"] = {f"causal={c}": ring_op_errors(args.op_seq, c, T) for c, T in ((True, 48), (False, 24))}
+    for spec in args.meshes:
+        out[spec] = ring_model_errors(spec, bool(args.causal), args.T, args.forward)
+    cfg = GPTConfig(**RING_CONFIG, dtype="float64")
+    try:
+        inputs, targets = ring_batch(4, 20)
+        jax.eval_shape(lambda p: loss_fn(p, inputs, targets, cfg, mesh=parallel.make_mesh("data=2,seq=4")),
+                       init_params(cfg, jax.random.key(0)))
+        out["odd_error"] = ""
+    except ValueError as e:
+        out["odd_error"] = str(e)
+    return out
+
+
+def cmd_ring_memory(args) -> dict:
+    """Per-device temporary memory (``memory_analysis``) of one float32 value-and-grad of a
+    2-layer C=64 model at ``--T`` on meshes data=1,seq=s (s=1: one device, no ring)."""
+    cfg = GPTConfig(vocab_size=64, block_size=args.T, n_layer=2, n_head=4, n_embd=64)
+    params, (inputs, targets) = init_params(cfg, jax.random.key(0)), ring_batch(1, args.T)
+    out = {}
+    for n in args.seqs:
+        mesh = None if n == 1 else parallel.make_mesh(f"data=1,seq={n}")
+        step = jax.jit(jax.value_and_grad(lambda p, i, t: loss_fn(p, i, t, cfg, mesh=mesh)))
+        memory = step.lower(params, inputs, targets).compile().memory_analysis()
+        out[str(n)] = int(memory.temp_size_in_bytes)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -267,12 +360,22 @@ def main(argv=None):
     p.add_argument("--backend", default="manual")
     p.add_argument("--min-size", type=int, default=parallel.FSDP_MIN_SIZE)
     p.add_argument("--backward", default=GPTConfig.backward, help="manual backend's variant")
+    p = sub.add_parser("ring")
+    p.add_argument("--op", action="store_true", help="also check the op on a ring of --op-seq devices")
+    p.add_argument("--op-seq", type=int, default=8)
+    p.add_argument("--meshes", nargs="*", default=[])
+    p.add_argument("--causal", type=int, default=1)
+    p.add_argument("--T", type=int, default=48)
+    p.add_argument("--forward", action="store_true", help="also compare forward's logits")
+    p = sub.add_parser("ring_memory")
+    p.add_argument("--T", type=int, default=2048)
+    p.add_argument("--seqs", type=int, nargs="+", default=[1, 2, 4, 8])
     for name in ("save", "resume", "multihost"):
         p = sub.add_parser(name)
         p.add_argument("--mesh", required=True)
         p.add_argument("--path", required=True)
     args = parser.parse_args(argv)
-    if "float64" in getattr(args, "dtypes", ()):
+    if "float64" in getattr(args, "dtypes", ()) or args.command == "ring":
         jax.config.update("jax_enable_x64", True)
     result = globals()[f"cmd_{args.command}"](args)
     print("RESULT " + json.dumps(result))

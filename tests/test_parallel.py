@@ -179,6 +179,70 @@ def test_checkpoint_from_4_devices_resumes_on_1_and_8(tmp_path):
         assert abs(resumed["next_loss"] - saved["next_loss"]) <= RTOL["float32"] * abs(saved["next_loss"])
 
 
+# --- ring attention: the time axis split over a seq axis ---------------------------------
+
+def assert_ring_step(result: dict, spec: str, T: int = 48):
+    """float64 loss and every gradient within 1e-12 of one device; the ring's
+    collective-permutes are in the compiled step and no all-gather has a time axis of length
+    T (K/V stay split; a tensor-parallel mesh gathers the (3C,) qkv bias, a parameter)."""
+    r = result[spec]
+    assert r["loss"] <= RTOL["float64"], (spec, r["loss"])
+    assert r["grads"][0] <= RTOL["float64"], (spec, r["grads"])
+    assert r["collectives"]["collective-permute"]["count"] > 0, (spec, r["collectives"])
+    dims = [[int(d) for d in shape.split("[")[1].split("]")[0].split(",") if d] for shape in r["all_gather_shapes"]]
+    assert not any(T in shape for shape in dims), (spec, r["all_gather_shapes"])
+
+
+def test_ring_attention_step_matches_single_device():
+    """data=2,seq=4, causal, ignored targets (a quarter of one row): loss and gradients of the
+    split model equal one device's; a T the causal ring cannot split raises a ValueError
+    naming inputs."""
+    result = run_worker("ring", "--meshes", "data=2,seq=4")
+    assert_ring_step(result, "data=2,seq=4")
+    assert result["data=2,seq=4"]["all_gather_shapes"] == []
+    assert result["odd_error"].startswith("inputs: T=20 must be divisible by 8"), result["odd_error"]
+
+
+@pytest.mark.slow
+def test_ring_attention_op_and_other_meshes():
+    """The op on a ring of 8 against its twin and plain attention (causal and not); the model
+    on data=1,seq=8 and data=2,seq=2,model=2 (tensor parallel heads), logits too."""
+    result = run_worker("ring", "--op", "--meshes", "data=1,seq=8", "data=2,seq=2,model=2", "--forward")
+    for case, errors in result["op"].items():
+        assert max(errors.values()) <= RTOL["float64"], (case, errors)
+    for spec in ("data=1,seq=8", "data=2,seq=2,model=2"):
+        assert_ring_step(result, spec)
+        assert result[spec]["logits"] <= RTOL["float64"], (spec, result[spec]["logits"])
+
+
+@pytest.mark.slow
+def test_ring_attention_without_mask_on_odd_shards():
+    """Non-causal: T=24 over seq=8 gives 3 (odd) positions per device; still exact."""
+    result = run_worker("ring", "--causal", "0", "--T", "24", "--meshes", "data=1,seq=8")
+    assert_ring_step(result, "data=1,seq=8", T=24)
+
+
+@pytest.mark.slow
+def test_ring_attention_memory_falls_with_seq():
+    """Per-device temporary memory of value-and-grad at T=2048 (compiled.memory_analysis)
+    falls roughly as 1/seq: each doubling of seq at least 1.6x less."""
+    temp = run_worker("ring_memory", "--T", "2048", "--seqs", "1", "2", "4", "8")
+    for small, big in ((1, 2), (2, 4), (4, 8)):
+        assert temp[str(small)] >= 1.6 * temp[str(big)], temp
+
+
+@pytest.mark.slow
+def test_checkpoint_from_ring_mesh_resumes_on_8_and_1(tmp_path):
+    """Saved after a step on data=2,seq=4 (ring attention); the next-step loss is the same on
+    data=8 (no seq axis) and on one device."""
+    path = str(tmp_path / "state.mgc")
+    saved = run_worker("save", "--mesh", "data=2,seq=4", "--path", path)
+    for mesh, devices in (("data=8", 8), ("none", 1)):
+        resumed = run_worker("resume", "--mesh", mesh, "--path", path, devices=devices)
+        assert resumed["step"] == 1 and resumed["checksum"] == saved["checksum"]
+        assert abs(resumed["next_loss"] - saved["next_loss"]) <= RTOL["float32"] * abs(saved["next_loss"])
+
+
 # --- several processes -------------------------------------------------------------------
 
 def _free_port() -> int:
@@ -226,6 +290,7 @@ def test_two_processes_train_one_fsdp_step_and_write_one_checkpoint(tmp_path):
 @pytest.mark.parametrize("spec, axes", [
     ("data=8", {"data": 8}),
     ("data=4,model=2", {"data": 4, "model": 2}),
+    ("data=2,seq=2,model=2", {"data": 2, "seq": 2, "model": 2}),
     (" data = -1 , model=2 ", {"data": -1, "model": 2}),
 ])
 def test_parse_mesh_spec(spec, axes):

@@ -57,70 +57,97 @@ def ring_order(T: int, n: int, causal: bool) -> np.ndarray:
     return np.concatenate([np.concatenate([chunks[i], chunks[parts - 1 - i]]) for i in range(n)])
 
 
-# --- one block of keys: an online softmax over key tiles -------------------------------
+# --- one block of keys: an online softmax over (tile, tile) tiles ------------------------
 
-def _key_tiles(a, size):
-    """(B, H, Tk, D) -> (n_tiles, B, H, size, D), the last tile zero-padded."""
-    n = -(-a.shape[-2] // size)
-    a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, n * size - a.shape[-2]), (0, 0)])
-    return jnp.moveaxis(a.reshape(*a.shape[:-2], n, size, a.shape[-1]), -3, 0)
+def _tiles(a, size):
+    """(B, H, T, ...) -> (n_tiles, B, H, size, ...) along time, the last tile zero-padded."""
+    n = -(-a.shape[2] // size)
+    a = jnp.pad(a, [(0, 0), (0, 0), (0, n * size - a.shape[2])] + [(0, 0)] * (a.ndim - 3))
+    return jnp.moveaxis(a.reshape(*a.shape[:2], n, size, *a.shape[3:]), 2, 0)
 
 
-def _tile_scores(q, k_j, j, size, Tk, causal):
-    """Masked S = q k_j^T / sqrt(D): (B, H, Tq, D) x (B, H, size, D) -> (B, H, Tq, size).
-    Key index j*size + t is visible when < Tk and, causal, <= the query's index."""
-    s = jnp.einsum("...qd,...kd->...qk", q, k_j, preferred_element_type=accumulation_dtype(q.dtype))
-    s = s * (1.0 / math.sqrt(q.shape[-1]))
-    k_idx = j * size + jnp.arange(size)[None, :]
+def _untile(a, T):
+    """(n_tiles, B, H, size, ...) -> (B, H, T, ...)."""
+    a = jnp.moveaxis(a, 0, 2)
+    return a.reshape(*a.shape[:2], -1, *a.shape[4:])[:, :, :T]
+
+
+def _tile_scores(q_i, k_j, i, j, sizes, Tk, causal):
+    """Masked S = q_i k_j^T / sqrt(D): (B, H, bq, D) x (B, H, bk, D) -> (B, H, bq, bk).
+    Key index j*bk + t is visible when < Tk and, causal, <= the query's index i*bq + s."""
+    s = jnp.einsum("...qd,...kd->...qk", q_i, k_j, preferred_element_type=accumulation_dtype(q_i.dtype))
+    s = s * (1.0 / math.sqrt(q_i.shape[-1]))
+    if not causal and Tk % sizes[1] == 0:
+        return s            # no mask, no padded key: nothing for XLA to precompute per step
+    k_idx = j * sizes[1] + jnp.arange(sizes[1])[None, :]
     visible = k_idx < Tk
     if causal:
-        visible = visible & (jnp.arange(q.shape[-2])[:, None] >= k_idx)
+        visible = visible & (i * sizes[0] + jnp.arange(sizes[0])[:, None] >= k_idx)
     return jnp.where(visible, s, -jnp.inf)
 
 
+def _sizes(Tq, Tk, tile):
+    return tile_size(Tq, tile), tile_size(Tk, tile)
+
+
 def _block_fwd(q, k, v, *, causal, tile):
-    """(out, lse) of q (B, H, Tq, D) over k, v (B, H, Tk, D), in at least float32, tile by
-    tile of keys: out (B, H, Tq, D), lse (B, H, Tq). Every query row must see key 0."""
-    size = tile_size(k.shape[-2], tile)
+    """(out, lse) of q (B, H, Tq, D) over k, v (B, H, Tk, D), in at least float32: for each
+    query tile an online softmax over key tiles, so scores are (tile, tile), never (Tq, Tk).
+    out (B, H, Tq, D), lse (B, H, Tq). Every query row must see key 0 (local indices)."""
+    sizes = _sizes(q.shape[2], k.shape[2], tile)
     f32 = accumulation_dtype(q.dtype)
+    kt, vt = _tiles(k, sizes[1]), _tiles(v, sizes[1])
 
-    def step(carry, tile_inputs):
-        acc, m, l = carry                                            # (B, H, Tq, D), (B, H, Tq) x2
-        j, k_j, v_j = tile_inputs
-        s = _tile_scores(q, k_j, j, size, k.shape[-2], causal)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.exp(s - m_new[..., None])                            # (B, H, Tq, size)
-        correction = jnp.exp(m - m_new)
-        pv = jnp.einsum("...qk,...kd->...qd", p.astype(v.dtype), v_j, preferred_element_type=f32)
-        return (acc * correction[..., None] + pv, m_new, l * correction + p.sum(-1)), None
+    def query_tile(inputs):
+        i, q_i = inputs
 
-    kt, vt = _key_tiles(k, size), _key_tiles(v, size)
-    init = (jnp.zeros(q.shape, f32), jnp.full(q.shape[:-1], -jnp.inf, f32), jnp.zeros(q.shape[:-1], f32))
-    (acc, m, l), _ = jax.lax.scan(step, init, (jnp.arange(kt.shape[0]), kt, vt))
-    return acc / l[..., None], m + jnp.log(l)
+        def key_tile(carry, tile_inputs):
+            acc, m, l = carry                                        # (B, H, bq, D), (B, H, bq) x2
+            j, k_j, v_j = tile_inputs
+            s = _tile_scores(q_i, k_j, i, j, sizes, k.shape[2], causal)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])                        # (B, H, bq, bk)
+            correction = jnp.exp(m - m_new)
+            pv = jnp.einsum("...qk,...kd->...qd", p.astype(v.dtype), v_j, preferred_element_type=f32)
+            return (acc * correction[..., None] + pv, m_new, l * correction + p.sum(-1)), None
+
+        init = (jnp.zeros(q_i.shape, f32), jnp.full(q_i.shape[:-1], -jnp.inf, f32), jnp.zeros(q_i.shape[:-1], f32))
+        (acc, m, l), _ = jax.lax.scan(key_tile, init, (jnp.arange(kt.shape[0]), kt, vt))
+        return acc / l[..., None], m + jnp.log(l)
+
+    qt = _tiles(q, sizes[0])
+    out, lse = jax.lax.map(query_tile, (jnp.arange(qt.shape[0]), qt))
+    return _untile(out, q.shape[2]), _untile(lse, q.shape[2])
 
 
 def _block_bwd(q, k, v, dout, lse, delta, *, causal, tile):
-    """This block's share of (dq, dk, dv), float32, with the whole row's lse and delta:
-    ρ = exp(S - lse), dv = ρ^T Δ, dS = ρ ∘ (Δ v^T - delta) / sqrt(D), dq = dS k, dk = dS^T q."""
-    size = tile_size(k.shape[-2], tile)
+    """This block's share of (dq, dk, dv), float32, with the whole row's lse and delta, tile by
+    tile: ρ = exp(S - lse), dv = ρ^T Δ, dS = ρ ∘ (Δ v^T - delta) / sqrt(D), dq = dS k, dk = dS^T q."""
+    sizes = _sizes(q.shape[2], k.shape[2], tile)
     f32 = accumulation_dtype(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1])
+    kt, vt = _tiles(k, sizes[1]), _tiles(v, sizes[1])
 
-    def step(dq, tile_inputs):
-        j, k_j, v_j = tile_inputs
-        p = jnp.exp(_tile_scores(q, k_j, j, size, k.shape[-2], causal) - lse[..., None])  # (B, H, Tq, size)
-        dv_j = jnp.einsum("...qk,...qd->...kd", p.astype(dout.dtype), dout, preferred_element_type=f32)
-        dp = jnp.einsum("...qd,...kd->...qk", dout, v_j, preferred_element_type=f32)        # Δ v^T
-        ds = p * (dp - delta[..., None]) * scale                                            # dS_raw
-        dq = dq + jnp.einsum("...qk,...kd->...qd", ds.astype(k.dtype), k_j, preferred_element_type=f32)
-        dk_j = jnp.einsum("...qk,...qd->...kd", ds.astype(q.dtype), q, preferred_element_type=f32)
-        return dq, (dk_j, dv_j)
+    def query_tile(carry, inputs):
+        i, q_i, dout_i, lse_i, delta_i = inputs                     # padded rows: q, Δ = 0 give 0
 
-    kt, vt = _key_tiles(k, size), _key_tiles(v, size)
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, f32), (jnp.arange(kt.shape[0]), kt, vt))
-    untile = lambda g: jnp.moveaxis(g, 0, -3).reshape(*k.shape[:-2], -1, k.shape[-1])[..., :k.shape[-2], :]
-    return dq, untile(dk), untile(dv)
+        def key_tile(dq_i, tile_inputs):
+            j, k_j, v_j = tile_inputs
+            p = jnp.exp(_tile_scores(q_i, k_j, i, j, sizes, k.shape[2], causal) - lse_i[..., None])  # ρ_ij
+            dv_j = jnp.einsum("...qk,...qd->...kd", p.astype(dout.dtype), dout_i, preferred_element_type=f32)
+            dp = jnp.einsum("...qd,...kd->...qk", dout_i, v_j, preferred_element_type=f32)        # Δ v^T
+            ds = p * (dp - delta_i[..., None]) * scale                                            # dS_raw
+            dq_i = dq_i + jnp.einsum("...qk,...kd->...qd", ds.astype(k.dtype), k_j, preferred_element_type=f32)
+            dk_j = jnp.einsum("...qk,...qd->...kd", ds.astype(q.dtype), q_i, preferred_element_type=f32)
+            return dq_i, (dk_j, dv_j)
+
+        dq_i, (dk, dv) = jax.lax.scan(key_tile, jnp.zeros(q_i.shape, f32), (jnp.arange(kt.shape[0]), kt, vt))
+        return (carry[0] + dk, carry[1] + dv), dq_i
+
+    zeros = jnp.zeros(kt.shape, f32)
+    rows = (jnp.arange(-(-q.shape[2] // sizes[0])), *(_tiles(a, sizes[0]) for a in (q, dout, lse, delta)))
+    (dk, dv), dq = jax.lax.scan(query_tile, (zeros, zeros), rows)
+    return _untile(dq, q.shape[2]), _untile(dk, k.shape[2]), _untile(dv, k.shape[2])
 
 
 def _merge(out, lse, out_r, lse_r):
