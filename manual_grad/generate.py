@@ -101,8 +101,9 @@ def _generate(params, cfg: GPTConfig, prompt, max_new_tokens: int, key, temperat
     return tokens, all_logits
 
 
-def generate(params, cfg: GPTConfig, prompt_tokens, max_new_tokens: int, *, key: jax.Array,
-             temperature: float = 1.0, top_k: int | None = None, return_logits: bool = False):
+def generate(params: dict, cfg: GPTConfig, prompt_tokens: jax.typing.ArrayLike, max_new_tokens: int, *,
+             key: jax.Array, temperature: float = 1.0, top_k: int | None = None,
+             return_logits: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Extends ``prompt_tokens`` ((T0,) or (B, T0) ints) by ``max_new_tokens`` sampled tokens.
 
     Returns the tokens ((T0 + N,) or (B, T0 + N), prompt included), and with

@@ -3,6 +3,7 @@ their recorded base), or a Hugging Face GPT-2 folder. Sampling and fine-tuning u
 needs nothing of the trainer."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ def _params_like(ckpt, cfg: GPTConfig, *, lora_only: bool):
     return restore_like(template, ckpt.flat("params"), what="params")
 
 
-def load_model(path) -> tuple[dict, GPTConfig, Any]:
+def load_model(path: str | os.PathLike) -> tuple[dict, GPTConfig, Any]:
     """``(params, cfg, tokenizer)`` of a run folder or checkpoint file: a full model, or a LoRA
     fine-tune (its adapters attached to its recorded, checksum-verified base). A folder holding
     both a merged ``ckpt.mgc`` and ``lora.mgc`` gives the merged model."""
@@ -52,7 +53,7 @@ def load_model(path) -> tuple[dict, GPTConfig, Any]:
     return _params_like(ckpt, cfg, lora_only=False), cfg, tokenizer
 
 
-def load_hf(path) -> tuple[dict, GPTConfig, Any]:
+def load_hf(path: str | os.PathLike) -> tuple[dict, GPTConfig, Any]:
     """``(params, cfg, tokenizer)`` of a Hugging Face GPT-2 folder (needs the interop extra)."""
     from manual_grad.interop import load_gpt2
     params, cfg = load_gpt2(path)

@@ -358,8 +358,9 @@ def _head(params: Params, cfg: GPTConfig):
     return w, b, adapters
 
 
-def forward(params: Params, inputs, cfg: GPTConfig, backend: str = "manual", *,
-            dropout_key: jax.Array | None = None, tap: Tap | None = None, mesh=None) -> jax.Array:
+def forward(params: Params, inputs: jax.typing.ArrayLike, cfg: GPTConfig, backend: str = "manual", *,
+            dropout_key: jax.Array | None = None, tap: Tap | None = None,
+            mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     """Logits (B, T, V) for token ids ``inputs`` (B, T). Dropout only when ``dropout_key`` is given;
     ``tap(name, value)`` sees every op's output; ``mesh``: as for :func:`loss_fn`."""
     _check_call(params, inputs, cfg, backend)
@@ -371,8 +372,9 @@ def forward(params: Params, inputs, cfg: GPTConfig, backend: str = "manual", *,
     return logits(params, inputs, dropout_key) if split is None else split.forward(logits, params, inputs, dropout_key)
 
 
-def loss_fn(params: Params, inputs, targets, cfg: GPTConfig, backend: str = "manual", *,
-            dropout_key: jax.Array | None = None, tap: Tap | None = None, mesh=None) -> jax.Array:
+def loss_fn(params: Params, inputs: jax.typing.ArrayLike, targets: jax.typing.ArrayLike, cfg: GPTConfig,
+            backend: str = "manual", *, dropout_key: jax.Array | None = None, tap: Tap | None = None,
+            mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     """Mean next-token cross-entropy over the counted targets (a target of -100 is ignored).
 
     ``jax.grad(loss_fn)`` runs the hand-written backwards with ``backend="manual"`` (the lean

@@ -199,6 +199,8 @@ def test_finetune_text_outside_the_base_vocabulary(run, tmp_path, capsys):
     other.write_text("xyz " * 100)
     _fails(capsys, ["finetune", "--init-from", str(run), "--data", str(other), "--out-dir", str(tmp_path / "ft")],
            "outside the tokenizer's vocabulary")
+    _fails(capsys, ["finetune", "--init-from", str(run), "--data", str(other), "--out-dir", str(tmp_path / "ft")],
+           "or train a new base that covers any text (manual-grad train --tokenizer byte)")
 
 
 def test_error_from_the_console_entry_point_has_no_traceback(tmp_path):

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +88,7 @@ class Run:
     base_record: dict | None = None
 
 
-def train(tc: TrainConfig, *, log=None, stdout=None) -> TrainResult:
+def train(tc: TrainConfig, *, log: TextIO | None = None, stdout: TextIO | None = None) -> TrainResult:
     """Runs training (or a LoRA fine-tune) as ``tc`` says; see the module docstring."""
     log = sys.stderr if log is None else log
     stdout = sys.stdout if stdout is None else stdout
@@ -229,7 +229,8 @@ class Loop:
         self.run_, self.state, self.root_key, self.history = run, state, root_key, history
         self.progress, self.elapsed_before = progress, elapsed_before
         tc = run.tc
-        self.eval_fn = make_eval_fn(run.cfg, tc.backend, frozen=run.base)
+        self.eval_fn = make_eval_fn(run.cfg, tc.backend, frozen=run.base,
+                                    mesh=parallel.make_mesh(tc.mesh) if tc.mesh else None)
         eval_spec = data_lib.BatchSpec(tc.seed + 1, tc.batch_size, run.block_size)
         self.eval_batches = {split: [np.stack(b) for b in zip(*(
             data_lib.get_batch(run.splits[split], eval_spec, split, i) for i in range(tc.eval_iters)))]
