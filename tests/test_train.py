@@ -183,3 +183,31 @@ def test_lora_finetune_lowers_new_text_loss_and_merges(corpora, straight, tmp_pa
     loss_merged = loss_fn(merged, tokens[:, :-1], tokens[:, 1:], merged_cfg)
     loss_lora = loss_fn(with_adapters, tokens[:, :-1], tokens[:, 1:], lora_cfg)
     np.testing.assert_allclose(loss_merged, loss_lora, rtol=1e-5)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_line_fits_the_terminal_and_says_lr_rate_elapsed_eta(tty, monkeypatch):
+    from manual_grad.training import Progress
+    monkeypatch.setenv("COLUMNS", "50")
+    stream = _Terminal() if tty else io.StringIO()
+    progress = Progress(200, stream)
+    progress.status("compiling the train step")
+    progress.update(10, 2.5, 3e-4, tokens=0, seconds=0.0, steps=0)             # the first step: not timed
+    progress.update(20, 2.25, 6e-4, tokens=4000, seconds=2.0, steps=10)        # 2,000 tok/s, 0.2 s a step
+    progress.message("step 20: train loss 2.2500, val loss 2.3000")
+    text = stream.getvalue()
+    if tty:                                     # redrawn in place: every redraw within 49 columns
+        redraws = [part.split("\033[K")[0] for part in text.split("\r")[1:]]
+        assert all(len(r) <= 49 for r in redraws[:-1]) and redraws[0].startswith("compiling the train step")
+        assert text.endswith("\rstep 20: train loss 2.2500, val loss 2.3000\033[K\n")   # a message stays whole
+        return
+    lines = text.splitlines()                  # not a terminal: one whole line per update
+    assert lines[0] == "compiling the train step ..." and len(lines) == 4
+    assert "lr 3.00e-04 | - tok/s" in lines[1] and lines[1].endswith("ETA -")
+    assert "loss 2.2500 | lr 6.00e-04 | 2,000 tok/s |" in lines[2]
+    assert lines[2].endswith("ETA 0:36") and " elapsed, " in lines[2]          # 180 steps left x 0.2 s
