@@ -78,12 +78,19 @@ def _tile_scores(q_i, k_j, i, j, sizes, Tk, causal):
     s = jnp.einsum("...qd,...kd->...qk", q_i, k_j, preferred_element_type=accumulation_dtype(q_i.dtype))
     s = s * (1.0 / math.sqrt(q_i.shape[-1]))
     if not causal and Tk % sizes[1] == 0:
-        return s            # no mask, no padded key: nothing for XLA to precompute per step
+        return s                                                     # no mask, no padded key
     k_idx = j * sizes[1] + jnp.arange(sizes[1])[None, :]
     visible = k_idx < Tk
     if causal:
         visible = visible & (i * sizes[0] + jnp.arange(sizes[0])[:, None] >= k_idx)
     return jnp.where(visible, s, -jnp.inf)
+
+
+def _tied(index, arrays):
+    """``(index, arrays)`` through an optimization barrier: a tile's index then depends on its
+    data, so neither JAX (partial evaluation under ``grad``) nor XLA hoists the masks out of
+    the tile loops into stacked per-tile arrays (n_q n_k tile² booleans per block)."""
+    return jax.lax.optimization_barrier((index, arrays))
 
 
 def _sizes(Tq, Tk, tile):
@@ -98,25 +105,24 @@ def _block_fwd(q, k, v, *, causal, tile):
     f32 = accumulation_dtype(q.dtype)
     kt, vt = _tiles(k, sizes[1]), _tiles(v, sizes[1])
 
-    def query_tile(inputs):
-        i, q_i = inputs
+    def query_tile(i, q_i):
+        i, q_i = _tied(i, q_i)
 
         def key_tile(carry, tile_inputs):
-            acc, m, l = carry                                        # (B, H, bq, D), (B, H, bq) x2
-            j, k_j, v_j = tile_inputs
+            acc, m, l, j = carry                                     # (B, H, bq, D), (B, H, bq) x2, ()
+            j, (k_j, v_j) = _tied(j, tile_inputs)
             s = _tile_scores(q_i, k_j, i, j, sizes, k.shape[2], causal)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])                        # (B, H, bq, bk)
             correction = jnp.exp(m - m_new)
             pv = jnp.einsum("...qk,...kd->...qd", p.astype(v.dtype), v_j, preferred_element_type=f32)
-            return (acc * correction[..., None] + pv, m_new, l * correction + p.sum(-1)), None
+            return (acc * correction[..., None] + pv, m_new, l * correction + p.sum(-1), j + 1), None
 
-        init = (jnp.zeros(q_i.shape, f32), jnp.full(q_i.shape[:-1], -jnp.inf, f32), jnp.zeros(q_i.shape[:-1], f32))
-        (acc, m, l), _ = jax.lax.scan(key_tile, init, (jnp.arange(kt.shape[0]), kt, vt))
-        return acc / l[..., None], m + jnp.log(l)
+        init = (jnp.zeros(q_i.shape, f32), jnp.full(q_i.shape[:-1], -jnp.inf, f32), jnp.zeros(q_i.shape[:-1], f32), 0)
+        (acc, m, l, _), _ = jax.lax.scan(key_tile, init, (kt, vt))
+        return i + 1, (acc / l[..., None], m + jnp.log(l))
 
-    qt = _tiles(q, sizes[0])
-    out, lse = jax.lax.map(query_tile, (jnp.arange(qt.shape[0]), qt))
+    _, (out, lse) = jax.lax.scan(query_tile, 0, _tiles(q, sizes[0]))
     return _untile(out, q.shape[2]), _untile(lse, q.shape[2])
 
 
@@ -129,24 +135,25 @@ def _block_bwd(q, k, v, dout, lse, delta, *, causal, tile):
     kt, vt = _tiles(k, sizes[1]), _tiles(v, sizes[1])
 
     def query_tile(carry, inputs):
-        i, q_i, dout_i, lse_i, delta_i = inputs                     # padded rows: q, Δ = 0 give 0
+        dk_acc, dv_acc, i = carry
+        i, (q_i, dout_i, lse_i, delta_i) = _tied(i, inputs)         # padded rows: q, Δ = 0 give 0
 
-        def key_tile(dq_i, tile_inputs):
-            j, k_j, v_j = tile_inputs
+        def key_tile(carry, tile_inputs):
+            dq_i, j = carry
+            j, (k_j, v_j) = _tied(j, tile_inputs)
             p = jnp.exp(_tile_scores(q_i, k_j, i, j, sizes, k.shape[2], causal) - lse_i[..., None])  # ρ_ij
             dv_j = jnp.einsum("...qk,...qd->...kd", p.astype(dout.dtype), dout_i, preferred_element_type=f32)
             dp = jnp.einsum("...qd,...kd->...qk", dout_i, v_j, preferred_element_type=f32)        # Δ v^T
             ds = p * (dp - delta_i[..., None]) * scale                                            # dS_raw
             dq_i = dq_i + jnp.einsum("...qk,...kd->...qd", ds.astype(k.dtype), k_j, preferred_element_type=f32)
             dk_j = jnp.einsum("...qk,...qd->...kd", ds.astype(q.dtype), q_i, preferred_element_type=f32)
-            return dq_i, (dk_j, dv_j)
+            return (dq_i, j + 1), (dk_j, dv_j)
 
-        dq_i, (dk, dv) = jax.lax.scan(key_tile, jnp.zeros(q_i.shape, f32), (jnp.arange(kt.shape[0]), kt, vt))
-        return (carry[0] + dk, carry[1] + dv), dq_i
+        (dq_i, _), (dk, dv) = jax.lax.scan(key_tile, (jnp.zeros(q_i.shape, f32), 0), (kt, vt))
+        return (dk_acc + dk, dv_acc + dv, i + 1), dq_i
 
     zeros = jnp.zeros(kt.shape, f32)
-    rows = (jnp.arange(-(-q.shape[2] // sizes[0])), *(_tiles(a, sizes[0]) for a in (q, dout, lse, delta)))
-    (dk, dv), dq = jax.lax.scan(query_tile, (zeros, zeros), rows)
+    (dk, dv, _), dq = jax.lax.scan(query_tile, (zeros, zeros, 0), tuple(_tiles(a, sizes[0]) for a in (q, dout, lse, delta)))
     return _untile(dq, q.shape[2]), _untile(dk, k.shape[2]), _untile(dv, k.shape[2])
 
 

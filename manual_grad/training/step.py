@@ -63,18 +63,19 @@ def _jitted_step(cfg: GPTConfig, optimizer, backend: str, mesh=None):
         state, batch, key, cfg=cfg, optimizer=optimizer, backend=backend, frozen=frozen, mesh=mesh))
 
 
-def make_eval_fn(cfg: GPTConfig, backend: str = "manual", *, frozen=None) -> Callable:
-    """``eval(trainable, inputs, targets) -> mean loss`` over stacked batches (N, B, T), no dropout."""
-    jitted = _jitted_eval(cfg, backend)
+def make_eval_fn(cfg: GPTConfig, backend: str = "manual", *, frozen=None, mesh=None) -> Callable:
+    """``eval(trainable, inputs, targets) -> mean loss`` over stacked batches (N, B, T), no dropout
+    (``mesh``: see :func:`train_step`)."""
+    jitted = _jitted_eval(cfg, backend, mesh)
     return lambda trainable, inputs, targets: jitted(frozen, trainable, inputs, targets)
 
 
 @lru_cache(maxsize=16)
-def _jitted_eval(cfg: GPTConfig, backend: str):
+def _jitted_eval(cfg: GPTConfig, backend: str, mesh=None):
     @jax.jit
     def evaluate(frozen, trainable, inputs, targets):
         params = trainable if frozen is None else {**frozen, "lora": trainable}
-        losses = jax.lax.map(lambda xy: loss_fn(params, xy[0], xy[1], cfg, backend), (inputs, targets))
+        losses = jax.lax.map(lambda xy: loss_fn(params, xy[0], xy[1], cfg, backend, mesh=mesh), (inputs, targets))
         return losses.mean()
     return evaluate
 
