@@ -211,3 +211,26 @@ def test_progress_line_fits_the_terminal_and_says_lr_rate_elapsed_eta(tty, monke
     assert "lr 3.00e-04 | - tok/s" in lines[1] and lines[1].endswith("ETA -")
     assert "loss 2.2500 | lr 6.00e-04 | 2,000 tok/s |" in lines[2]
     assert lines[2].endswith("ETA 0:36") and " elapsed, " in lines[2]          # 180 steps left x 0.2 s
+
+
+def test_memory_check_compares_what_the_step_allocates_with_what_is_available(monkeypatch):
+    """temp + output (the arguments are in memory already) against the available memory."""
+    from manual_grad.training import memory
+    GiB = 2**30
+
+    class Stats:
+        temp_size_in_bytes, argument_size_in_bytes, output_size_in_bytes, alias_size_in_bytes = 6 * GiB, 2 * GiB, 2 * GiB, 0
+
+    class Compiled:
+        def memory_analysis(self):
+            return Stats
+
+    monkeypatch.setattr(memory, "device_memory", lambda device=None: (16 * GiB, 8 * GiB, "this machine's memory"))
+    assert memory.check_fits(Compiled())["total"] == 10 * GiB                 # 8 GiB to allocate, 8 available
+    monkeypatch.setattr(memory, "device_memory", lambda device=None: (16 * GiB, 7.9 * GiB, "this machine's memory"))
+    with pytest.raises(ValueError, match=r"needs about 10\.0 GiB .* this machine's memory is 16\.0 GiB "
+                                         r"\(7\.9 GiB available\): lower --block-size"):
+        memory.check_fits(Compiled())
+    monkeypatch.undo()
+    total, available, _ = memory.device_memory()                               # this machine, as read
+    assert 0 < available <= total

@@ -62,13 +62,13 @@ def device_memory(device=None) -> tuple[int, int, str] | None:
 
 
 def check_fits(compiled, *, device=None, what: str = "the train step") -> dict[str, int] | None:
-    """XLA's estimate of ``compiled``; ValueError (one line: the estimate and the memory) when it
-    exceeds the memory available on ``device``."""
+    """XLA's estimate of ``compiled``; ValueError (one line: the estimate and the memory) when what
+    it would allocate beyond its arguments (already in memory) exceeds what ``device`` has available."""
     needed, memory = step_bytes(compiled), device_memory(device)
     if needed is None or memory is None:
         return needed
     total, available, where = memory
-    if needed["total"] > available:
+    if needed["total"] - needed["argument"] > available:      # the arguments are in memory already
         raise ValueError(
             f"{what} needs about {needed['total'] / GiB:.1f} GiB (XLA's estimate of the compiled step: "
             f"{needed['temp'] / GiB:.1f} GiB of activations and temporaries, "
