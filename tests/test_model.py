@@ -10,6 +10,10 @@ from manual_grad.model import IGNORE_INDEX, merge_lora
 from tests.helpers import GRAD_RTOL, assert_trees_close, both_backends, normal, pairwise_grid, random_tree, rel_err
 
 ALL_TARGETS = ("q", "k", "v", "o", "fc", "proj", "logits")
+# One jitted forward and one jitted loss-and-gradient shared by the tests (cfg and backend are
+# static), so that each model is compiled once instead of dispatched op by op.
+jit_forward = jax.jit(forward, static_argnums=(2, 3))
+jit_value_and_grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(3, 4))
 
 
 def random_model(cfg, seed=0, scale=0.3):
@@ -157,9 +161,9 @@ def test_forward_logits_agree_between_backends(x64, dtype, tol):
                            lora=LoRAConfig(rank=2, targets=ALL_TARGETS))
     params = random_model(cfg)
     inputs, _ = tokens(cfg, 2, 9)
-    z = forward(params, inputs, cfg, "manual")
+    z = jit_forward(params, inputs, cfg, "manual")
     assert z.shape == (2, 9, cfg.vocab_size) and z.dtype == jnp.dtype(dtype)
-    assert rel_err(z, forward(params, inputs, cfg, "autodiff")) <= tol
+    assert rel_err(z, jit_forward(params, inputs, cfg, "autodiff")) <= tol
 
 
 # --- parameter counts: the paper's numbers -------------------------------------------------
@@ -224,7 +228,8 @@ def test_merge_lora_gives_the_same_model():
         inputs, _ = tokens(cfg, 2, 8)
         merged, merged_cfg = merge_lora(params, cfg)
         assert merged_cfg.lora is None and "lora" not in merged
-        np.testing.assert_allclose(forward(merged, inputs, merged_cfg), forward(params, inputs, cfg),
+        np.testing.assert_allclose(jit_forward(merged, inputs, merged_cfg, "manual"),
+                                   jit_forward(params, inputs, cfg, "manual"),
                                    rtol=1e-4, atol=1e-4)
 
 
@@ -233,7 +238,8 @@ def test_lora_starts_as_the_base_model():
     params = init_params(cfg, jax.random.key(0))
     base = {k: v for k, v in params.items() if k != "lora"}
     inputs, _ = tokens(cfg, 1, 8)
-    np.testing.assert_array_equal(forward(params, inputs, cfg), forward(base, inputs, cfg.replace(lora=None)))
+    np.testing.assert_array_equal(jit_forward(params, inputs, cfg, "manual"),
+                                  jit_forward(base, inputs, cfg.replace(lora=None), "manual"))
 
 
 # --- bad input: ValueError naming the argument, before any compute -----------------------------
@@ -305,9 +311,9 @@ def test_mixed_precision_tracks_float32(dtype, backward):
     params = random_model(cfg32, scale=0.1)
     assert cfg.storage_dtype == "float32"
     inputs, targets = tokens(cfg, 2, 32)
-    loss32, g32 = jax.value_and_grad(loss_fn)(params, inputs, targets, cfg32)
-    loss, g = jax.value_and_grad(loss_fn)(params, inputs, targets, cfg)
-    _, g_ref = jax.value_and_grad(loss_fn)(params, inputs, targets, cfg, "autodiff")
+    loss32, g32 = jit_value_and_grad(params, inputs, targets, cfg32, "manual")
+    loss, g = jit_value_and_grad(params, inputs, targets, cfg, "manual")
+    _, g_ref = jit_value_and_grad(params, inputs, targets, cfg, "autodiff")
     assert loss.dtype == jnp.float32 and abs(float(loss) - float(loss32)) < 0.02 * float(loss32)
     for a, b, c in zip(jax.tree.leaves(g), jax.tree.leaves(g32), jax.tree.leaves(g_ref)):
         assert a.dtype == jnp.float32
