@@ -15,6 +15,7 @@ import pytest
 
 from benchmarks import hardware, report, run
 from benchmarks.timing import ratio, summarise, time_interleaved
+from tests.interop.required import reference
 
 STATS_KEYS = {"median", "q25", "q75", "min", "max", "n"}
 
@@ -179,7 +180,7 @@ def test_set_overrides_reject_unknown_fields(item):
 
 
 def test_torch_peer_matches_our_loss_and_gradients():
-    torch = pytest.importorskip("torch", reason="the PyTorch peer is an optional extra")
+    torch = reference("torch", reason="the PyTorch peer is an optional extra")
     from benchmarks import torch_peer
     from manual_grad import GPTConfig, init_params, loss_fn
 

@@ -11,8 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.interop.required import reference
+
+torch = reference("torch")
+transformers = reference("transformers")
 
 from manual_grad import GPTConfig, forward, init_params, load_model, train  # noqa: E402
 from manual_grad.checkpoint import save_checkpoint  # noqa: E402

@@ -10,9 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
+from tests.interop.required import reference
+
+torch = reference("torch")
+transformers = reference("transformers")
+safetensors_numpy = reference("safetensors.numpy")
 
 from manual_grad import GPTConfig, LoRAConfig, count_params, merge_lora  # noqa: E402
 from manual_grad.interop import config_from_hf, config_to_hf, load_gpt2, save_gpt2  # noqa: E402

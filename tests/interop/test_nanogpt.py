@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.interop.required import reference
+
+torch = reference("torch")
 nn = torch.nn
 F = torch.nn.functional
 
