@@ -75,7 +75,7 @@ def run(mutation: Mutation, *, timeout: float = 900) -> Outcome:
         except subprocess.TimeoutExpired as e:
             rc, output = -1, f"timed out after {timeout} s\n{e.stdout or ''}"
         seconds = time.perf_counter() - start
-    failed = re.findall(r"^FAILED (\S+)", output, re.M)
+    failed = re.findall(r"^FAILED (.+?)(?: - .*)?$", output, re.M)
     if rc == 1 and failed:
         verdict, killed_by = "killed", failed[0]
     elif rc == 0:
