@@ -21,6 +21,8 @@ import optax
 
 import manual_grad
 from manual_grad import loss_fn
+from manual_grad.training import OptimizerConfig
+from manual_grad.training.optimizer import make_optimizer as trainer_optimizer
 from manual_grad.training.step import init_state, train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,7 +59,8 @@ def write_result(out: Path, name: str, result: dict, quick: bool) -> Path:
     result = {"experiment": name, "quick": quick,
               "environment": {"jax": jax.__version__, "manual_grad": manual_grad.__version__,
                               "backend": jax.default_backend(), "machine": platform.machine(),
-                              "cpu_count": os.cpu_count()},
+                              "cpu_count": os.cpu_count(),
+                              "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
               **result}
     path = out / f"{name}.json"
     path.write_text(json.dumps(_jsonable(result), indent=1) + "\n")
@@ -124,13 +127,19 @@ def fixed_batches(ids: np.ndarray, n: int, batch: int, block: int, seed: int = 1
 # --- training --------------------------------------------------------------------------------
 
 def make_optimizer(lr: float, weight_decay: float, trainable=None):
-    """AdamW (optax); when ``trainable`` (a pytree of bools like the params) is given, the
-    other leaves get a zero update (frozen)."""
-    opt = optax.adamw(lr, weight_decay=weight_decay)
+    """The trainer's AdamW (:func:`manual_grad.training.optimizer.make_optimizer`: decay on the
+    weight matrices only, never on biases or LayerNorm gains) at a constant ``lr``, without
+    clipping or warmup; when ``trainable`` (a pytree of bools like the params) is given, the other
+    leaves get a zero update (frozen)."""
+    opt = trainer_optimizer(OptimizerConfig(learning_rate=lr, min_lr=lr, warmup_iters=0, weight_decay=weight_decay,
+                                            beta1=0.9, beta2=0.999, grad_clip=0.0, lr_decay_iters=1))
     if trainable is None:
         return opt
     labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
     return optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()}, labels)
+
+
+OPTIMIZER = "AdamW (the trainer's: decay on weight matrices only), constant lr, betas (0.9, 0.999), no clipping"
 
 
 def train(params, cfg, train_ids, val_batches, *, steps, batch, lr=1e-3, weight_decay=0.1,

@@ -15,7 +15,7 @@ import numpy as np
 
 from manual_grad import GPTConfig, LoRAConfig, attach_lora, init_params, loss_fn
 from manual_grad.layers.lora import lora_linear
-from experiments.common import (fixed_batches, load_chars, new_figure, parse_args, save_figure,
+from experiments.common import (OPTIMIZER, fixed_batches, load_chars, new_figure, parse_args, save_figure,
                                 train, write_result)
 
 NAME = "lora_scale"
@@ -23,6 +23,7 @@ ALPHAS = (1, 4, 16, 64, 256)
 RANKS = (4, 16, 64)
 CONVENTIONS = ("alpha", "alpha/rank")
 TARGETS = ("q", "k", "v", "o", "fc", "proj")
+FT_SEEDS = (1, 2, 3)
 
 
 def layer_linearity(ranks, scales, n_in=64, n_out=48, tokens=32):
@@ -117,24 +118,29 @@ def main(argv=None):
     model = model_linearity(cfg, base, val[0], (ranks[0], ranks[-1]), (2.0, 16.0))
     baseline = float(np.mean([loss_fn(base, x, y, cfg) for x, y in val]))
 
-    # A run depends on (rank, s) only (same adapter init, same batches), so the two conventions
-    # share the runs where their scales coincide.
+    # A run depends on (rank, s, seed) only (same adapter init and batches per seed), so the two
+    # conventions share the runs where their scales coincide. The seed sets the adapters' initial A
+    # and the batch order; each cell is the mean over the seeds, with their standard deviation.
+    seeds = FT_SEEDS[:2] if quick else FT_SEEDS
     runs = {}
-    sweep = {}
+    sweep, spread = {}, {}
     for convention in CONVENTIONS:
-        grid = np.full((len(ranks), len(alphas)), np.nan)
+        grid, grid_std = np.full((len(ranks), len(alphas)), np.nan), np.full((len(ranks), len(alphas)), np.nan)
         for i, r in enumerate(ranks):
             for j, alpha in enumerate(alphas):
                 lora = LoRAConfig(r, float(alpha), TARGETS, convention)
                 if (r, lora.scale) not in runs:
                     c = cfg.replace(lora=lora)
-                    p = attach_lora(base, c, jax.random.key(1))
-                    trainable = jax.tree.map(lambda _: False, p) | {"lora": jax.tree.map(lambda _: True, p["lora"])}
-                    curves, _ = train(p, c, ft_train, val, steps=ft_steps, batch=batch, lr=1e-3, weight_decay=0.0,
-                                      seed=1, trainable=trainable, eval_every=ft_steps)
-                    runs[(r, lora.scale)] = curves["val_loss"][-1]
-                grid[i, j] = runs[(r, lora.scale)]
-        sweep[convention] = grid
+                    runs[(r, lora.scale)] = []
+                    for seed in seeds:
+                        p = attach_lora(base, c, jax.random.key(seed))
+                        trainable = jax.tree.map(lambda _: False, p) | {"lora": jax.tree.map(lambda _: True, p["lora"])}
+                        curves, _ = train(p, c, ft_train, val, steps=ft_steps, batch=batch, lr=1e-3,
+                                          weight_decay=0.0, seed=seed, trainable=trainable, eval_every=ft_steps)
+                        runs[(r, lora.scale)].append(curves["val_loss"][-1])
+                grid[i, j] = np.mean(runs[(r, lora.scale)])
+                grid_std[i, j] = np.std(runs[(r, lora.scale)], ddof=1)
+        sweep[convention], spread[convention] = grid, grid_std
 
     plot = draw_heatmaps(sweep, alphas, ranks, baseline, args.out)
     worst_layer = max(max(v) for v in layer.values())
@@ -147,10 +153,13 @@ def main(argv=None):
     path = write_result(args.out, NAME, {
         "layer_linearity_rel_err_dA_dB": layer, "model_linearity_at_init": model,
         "config": cfg.to_dict(), "targets": TARGETS, "alphas": alphas, "ranks": ranks,
-        "pretrain": {"steps": pre_steps, "final_val_loss": pre_curves["val_loss"][-1], "text": "first 80%"},
-        "finetune": {"steps": ft_steps, "batch": batch, "optimizer": "adamw lr=1e-3 wd=0, adapters only",
+        "pretrain": {"steps": pre_steps, "final_val_loss": pre_curves["val_loss"][-1], "text": "first 80%",
+                     "optimizer": f"{OPTIMIZER}, lr=1e-3, weight decay 0.1"},
+        "finetune": {"steps": ft_steps, "batch": batch, "optimizer": f"{OPTIMIZER}, lr=1e-3, weight decay 0, adapters only",
                      "text": "last 20% (75% train / 25% val)"},
-        "distinct_runs": len(runs), "baseline_val_loss_no_finetune": baseline, "final_val_loss": sweep, "best": best,
+        "seeds": list(seeds), "distinct_runs": len(runs) * len(seeds), "baseline_val_loss_no_finetune": baseline,
+        "final_val_loss": sweep, "final_val_loss_std": spread,
+        "final_val_loss_by_seed": {f"rank={r}, s={s}": v for (r, s), v in runs.items()}, "best": best,
         "verdict": verdict, "plot": plot}, quick)
     print(verdict)
     print(path)

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from manual_grad import GPTConfig, forward, init_params
-from experiments.common import (fixed_batches, load_chars, new_figure, parse_args, plot_lines, save_figure,
-                                split_ids, train, write_result)
+from experiments.common import (OPTIMIZER, fixed_batches, load_chars, new_figure, parse_args, plot_lines,
+                                save_figure, split_ids, train, write_result)
 
 NAME = "position_vs_causal"
+SEEDS = (0, 1, 2)
+LEARNED, NOPE, CONTROL = "learned positions, causal", "no positions (NoPE), causal", "no positions, non-causal (control)"
 
 
 def nope(params):
@@ -56,30 +59,38 @@ def main(argv=None):
     jax.config.update("jax_enable_x64", False)
 
     val = fixed_batches(val_ids, 2 if quick else 8, batch, cfg.block_size)
-    params = init_params(cfg, jax.random.key(0))
-    frozen_wpe = jax.tree.map(lambda _: True, params) | {"wpe": False}
-    runs = {}
-    for name, run_cfg, p, trainable in (
-            ("learned positions, causal", cfg, params, None),
-            ("no positions (NoPE), causal", cfg, nope(params), frozen_wpe),
-            ("no positions, non-causal (control)", cfg.replace(causal=False), nope(params), frozen_wpe)):
-        curves, final = train(p, run_cfg, train_ids, val, steps=steps, batch=batch, lr=1e-3, weight_decay=0.1,
-                              seed=0, trainable=trainable, eval_every=max(steps // 20, 1))
-        curves["wpe_max_abs_after"] = float(jnp.max(jnp.abs(final["wpe"])))
-        runs[name] = curves
-    final = {k: v["val_loss"][-1] for k, v in runs.items()}
-    gap = final["no positions (NoPE), causal"] - final["learned positions, causal"]
+    seeds = (0, 1) if quick else SEEDS
+    runs, final_by_seed = {}, {}
+    for seed in seeds:                       # the seed sets the initial parameters and the batch order
+        params = init_params(cfg, jax.random.key(seed))
+        frozen_wpe = jax.tree.map(lambda _: True, params) | {"wpe": False}
+        for name, run_cfg, p, trainable in (
+                (LEARNED, cfg, params, None),
+                (NOPE, cfg, nope(params), frozen_wpe),
+                (CONTROL, cfg.replace(causal=False), nope(params), frozen_wpe)):
+            curves, final = train(p, run_cfg, train_ids, val, steps=steps, batch=batch, lr=1e-3, weight_decay=0.1,
+                                  seed=seed, trainable=trainable, eval_every=max(steps // 20, 1))
+            curves["wpe_max_abs_after"] = float(jnp.max(jnp.abs(final["wpe"])))
+            final_by_seed.setdefault(name, []).append(curves["val_loss"][-1])
+            if seed == seeds[0]:
+                runs[name] = curves
+    gaps = np.subtract(final_by_seed[NOPE], final_by_seed[LEARNED])
+    final = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1))} for k, v in final_by_seed.items()}
+    gap = {"per_seed": gaps.tolist(), "mean": float(gaps.mean()), "std": float(gaps.std(ddof=1))}
     verdict = (f"non-causal NoPE is permutation-equivariant (rel. error {equivariance['noncausal_nope']:.1e}), "
-               f"causal NoPE is not ({equivariance['causal_nope']:.2g}); final val loss learned "
-               f"{final['learned positions, causal']:.4f} vs NoPE {final['no positions (NoPE), causal']:.4f} "
-               f"(gap {gap:+.4f}), control {final['no positions, non-causal (control)']:.4f}")
+               f"causal NoPE is not ({equivariance['causal_nope']:.2g}); final val loss over {len(seeds)} seeds: "
+               f"learned {final[LEARNED]['mean']:.4f} ± {final[LEARNED]['std']:.4f}, NoPE {final[NOPE]['mean']:.4f} "
+               f"± {final[NOPE]['std']:.4f} (gap {gap['mean']:+.4f} ± {gap['std']:.4f}), control "
+               f"{final[CONTROL]['mean']:.4f}")
     fig, (ax,) = new_figure()
     plot_lines(ax, {name: (c["step"], c["val_loss"]) for name, c in runs.items()}, xlabel="step",
-               ylabel="val loss (nats/char)", title="position embeddings vs causal mask")
+               ylabel="val loss (nats/char)", title=f"position embeddings vs causal mask (seed {seeds[0]})")
     plot = save_figure(fig, args.out, NAME)
     path = write_result(args.out, NAME, {"config": cfg.to_dict(), "steps": steps, "batch": batch,
-                                         "optimizer": "adamw lr=1e-3 wd=0.1", "equivariance_rel_error": equivariance,
-                                         "runs": runs, "final_val_loss": final, "nope_minus_learned": gap,
+                                         "optimizer": f"{OPTIMIZER}, lr=1e-3, weight decay 0.1",
+                                         "equivariance_rel_error": equivariance, "seeds": list(seeds),
+                                         "runs_first_seed": runs, "final_val_loss_by_seed": final_by_seed,
+                                         "final_val_loss": final, "nope_minus_learned": gap,
                                          "verdict": verdict, "plot": plot}, quick)
     print(verdict)
     print(path)

@@ -18,7 +18,7 @@ from pathlib import Path
 from experiments.common import DATA, RESULTS
 
 EXPERIMENTS = ("param_counts", "worked_example", "layernorm_independence", "embedding_sparsity",
-               "key_bias", "linear_attention", "position_vs_causal", "lora_scale")
+               "key_bias", "linear_attention", "position_vs_causal", "lora_scale", "kv_cache")
 
 
 def main(argv=None):

@@ -52,20 +52,28 @@ def decimals(value) -> int:
     return 0 if "." not in text or text.endswith(".0") else len(text.split(".")[1])
 
 
-def matches(printed, value, places=None) -> bool:
-    """Printed equals value rounded to the printed precision (half a unit in the last place)."""
+def matches(printed, value, places=None, units=0.5) -> bool:
+    """Printed equals value to within ``units`` of the last printed place (0.5: correctly rounded)."""
     p, v = np.ravel(np.asarray(printed, float)), np.ravel(np.asarray(value, float))
     if p.shape != v.shape:
         return False
-    tol = [0.5 * 10.0 ** -(places if places is not None else max(decimals(x), 1)) + 1e-12 for x in p]
+    tol = [units * 10.0 ** -(places if places is not None else max(decimals(x), 1)) + 1e-12 for x in p]
     return bool(np.all(np.abs(p - v) <= tol))
 
 
+LAST_DIGIT = "last digit off (rounding)"
+
+
 def classify(printed, exact, from_inputs=None, places=None):
+    """"right" (correctly rounded), "follows from its printed inputs", LAST_DIGIT (within one unit
+    of the last printed place: truncated or rounded from a rounded input, not a formula error), or
+    "wrong" (off by more than a unit in the last place)."""
     if matches(printed, exact, places):
         return "right"
     if from_inputs is not None and matches(printed, from_inputs, places):
         return "follows from its printed inputs"
+    if matches(printed, exact, places, units=1.0):
+        return LAST_DIGIT
     return "wrong"
 
 
@@ -248,12 +256,11 @@ def main(argv=None):
     encoder_and_layernorm(rows)
     counts = {}
     for r in rows:
-        if r["verdict"] == "wrong" and r["printed"] is not None and r["correct"] is not None \
+        if r["verdict"] in ("wrong", LAST_DIGIT) and r["printed"] is not None and r["correct"] is not None \
                 and np.shape(r["printed"]) == np.shape(r["correct"]) and np.ndim(r["printed"]) > 0:
             r["entries_differing"] = [[p, c] for p, c in zip(np.ravel(r["printed"]).tolist(),
                                                              np.ravel(r["correct"]).tolist()) if not matches(p, c)]
-        key = r["verdict"].split(" (")[0] if r["verdict"].startswith(("right", "wrong")) else r["verdict"]
-        counts[key] = counts.get(key, 0) + 1
+        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
     verdict = "; ".join(f"{n} {k}" for k, n in counts.items())
     path = write_result(args.out, NAME, {"rows": rows, "counts": counts,
                                          "cross_attention_layer_agrees_with_core": consistent,
