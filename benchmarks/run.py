@@ -414,8 +414,19 @@ def main(argv=None) -> dict:
     if not args.no_plots:
         report.write_plots(results, out_dir)
     log(f"wrote {out_dir}/ (results.json, results.md{'' if args.no_plots else ', plots'})")
+    for failure in peer_failures(results):
+        log(f"PEER FAILED: {failure}")
     return results
 
 
+def peer_failures(results: dict) -> list[str]:
+    """Every PyTorch peer that was meant to run and crashed (``unavailable``), as "T=.. preset:
+    peer: error". A peer absent by design (``not_run``: --no-torch, torch not installed, not
+    enabled for the preset) is not a failure; a crash is, and makes the command exit with status 1."""
+    return [f"{step['preset']} T={step['seq_len']}: {name}: {record['unavailable']}"
+            for step in results.get("steps", []) for name, record in step.get("backends", {}).items()
+            if name in PEERS and "unavailable" in record]
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if peer_failures(main()) else 0)

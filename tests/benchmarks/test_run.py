@@ -108,6 +108,7 @@ def test_quick_runs_the_torch_peer(quick):
         _stats_ok(step["forward_backward_ratios"]["manual/torch_eager"]["time"])
         _stats_ok(eager["forward_backward_s"])
         assert "--torch-compile" in step["backends"]["torch_compile"]["not_run"]
+    assert run.peer_failures(results) == []
 
 
 def test_doc_is_generated_from_results(quick, tmp_path):
@@ -200,3 +201,29 @@ def test_torch_peer_matches_our_loss_and_gradients():
                                np.asarray(grads["blocks"]["attn"]["w_qkv"][1]).T, atol=2e-6)
     np.testing.assert_allclose(model.blocks[0].mlp.c_fc.bias.grad.numpy(),
                                np.asarray(grads["blocks"]["mlp"]["b_fc"][0]), atol=2e-6)
+
+
+def _peer_records(monkeypatch, *, torch_eager=True, crash=False):
+    """The PyTorch peers' records for one tiny step, the peer made to crash when asked."""
+    reference("torch", reason="the PyTorch peer is an optional extra")
+    from benchmarks import torch_peer
+    from manual_grad import GPTConfig, init_params
+
+    if crash:
+        def broken(*args, **kwargs):
+            raise RuntimeError("peer exploded")
+        monkeypatch.setattr(torch_peer, "from_params", broken)
+    plan = run.Plan(True, "cpu", "float32", (8,), {"tiny": 2}, {"tiny": 1}, [], torch_eager, (), False, threads=1)
+    cfg = GPTConfig.preset("tiny")
+    inputs = jnp.zeros((2, 8), jnp.int32)
+    _, records = run._torch_contenders(plan, "tiny", cfg, init_params(cfg, jax.random.key(0)), inputs, inputs,
+                                       0.0, lambda *_: None)
+    return {"steps": [{"preset": "tiny", "seq_len": 8, "backends": records}]}
+
+
+def test_a_crashing_peer_is_a_failure_and_an_absent_one_is_not(monkeypatch):
+    crashed = _peer_records(monkeypatch, crash=True)
+    assert "peer exploded" in crashed["steps"][0]["backends"]["torch_eager"]["unavailable"]
+    assert run.peer_failures(crashed) == ["tiny T=8: torch_eager: RuntimeError: peer exploded"]
+    absent = _peer_records(monkeypatch, torch_eager=False)
+    assert "not_run" in absent["steps"][0]["backends"]["torch_eager"] and run.peer_failures(absent) == []
