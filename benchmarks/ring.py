@@ -74,8 +74,8 @@ def table(rows: list[dict], balances: list[dict]) -> str:
              "|---:|---:|---:|---:|---:|"]
     for r in rows:
         base = next(b for b in rows if b["T"] == r["T"] and b["seq"] == 1)
-        lines.append(f"| {r['T']} | {r['seq']} | {r['temp_mib']:.1f} | {r['temp_mib'] * r['seq'] / base['temp_mib']:.2f} "
-                     f"| {r['seconds'] / base['seconds']:.2f} |")
+        scaled = r["temp_mib"] * r["seq"] / base["temp_mib"]
+        lines.append(f"| {r['T']} | {r['seq']} | {r['temp_mib']:.1f} | {scaled:.2f} | {r['seconds'] / base['seconds']:.2f} |")
     lines += ["", "Causal balance: visible scores per device, max / min over the devices "
               "(T = 4096).", "", "| seq | ring layout | contiguous blocks |", "|---:|---:|---:|"]
     lines += [f"| {b['seq']} | {b['ring']:.2f} | {b['contiguous']:.2f} |" for b in balances]

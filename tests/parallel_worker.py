@@ -274,7 +274,8 @@ def ring_op_errors(n: int, causal: bool, T: int) -> dict:
     attention in the natural order: outputs and the gradients of sum(out * g) wrt q, k, v."""
     mesh = parallel.make_mesh(f"data=1,seq={n}")
     spec = P(None, None, "seq", None)
-    q, k, v, g = (jax.random.normal(key, (2, 2, T, 4), jnp.float64) for key in jax.random.split(jax.random.key(0), 4))
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, g = (jax.random.normal(key, (2, 2, T, 4), jnp.float64) for key in keys)
 
     def on_ring(op):
         attend = jax.shard_map(lambda q, k, v: op(q, k, v, causal=causal, axis="seq", n=n, tile=4), mesh=mesh,

@@ -153,7 +153,8 @@ def _block_bwd(q, k, v, dout, lse, delta, *, causal, tile):
         return (dk_acc + dk, dv_acc + dv, i + 1), dq_i
 
     zeros = jnp.zeros(kt.shape, f32)
-    (dk, dv, _), dq = jax.lax.scan(query_tile, (zeros, zeros, 0), tuple(_tiles(a, sizes[0]) for a in (q, dout, lse, delta)))
+    rows = tuple(_tiles(a, sizes[0]) for a in (q, dout, lse, delta))
+    (dk, dv, _), dq = jax.lax.scan(query_tile, (zeros, zeros, 0), rows)
     return _untile(dq, q.shape[2]), _untile(dk, k.shape[2]), _untile(dv, k.shape[2])
 
 

@@ -125,7 +125,8 @@ class TrainConfig:
                          commands=FINETUNE)
     # several devices (manual_grad.parallel): None = one device
     mesh: str | None = option(None, "device mesh: data=N (data parallel), data=-1 (all devices), "
-                              "data=N,model=M (tensor parallel); default one device", metavar="SPEC")
+                              "data=N,model=M (tensor parallel), data=N,seq=S (time axis split over a "
+                              "ring: ring attention); default one device", metavar="SPEC")
     shard: str = option("replicated", "state on the mesh: replicated (data parallel) or fsdp (parameters "
                         "and optimizer state split over the data axis)", choices=MODES)
 
