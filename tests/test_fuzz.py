@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from manual_grad import GPTConfig, LoRAConfig, init_params, loss_fn
+from manual_grad import GPTConfig, LoRAConfig, forward, init_params, loss_fn
 from manual_grad.config import LORA_TARGETS
 from manual_grad.layers.attention import attention, attention_ref
 from manual_grad.layers.layernorm import layernorm, layernorm_ref
@@ -148,6 +148,32 @@ def test_model_matches_autodiff(x64, case):
 @given(case=model_cases())
 def test_model_matches_autodiff_many(x64, case):
     check_model(case)
+
+
+# --- the loss is the cross-entropy of the logits ---------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_loss_is_the_cross_entropy_of_the_forward_logits(tied):
+    """loss_fn equals the mean over counted tokens of -log softmax(forward(...))[target], computed in
+    numpy: the loss layer and the logits layer agree (settings included: the LoRA scale of a logits
+    adapter, the chunked loss with a padded chunk), which manual-vs-autodiff cannot see when both
+    backends share a setting."""
+    cfg = GPTConfig(vocab_size=23, block_size=7, n_layer=1, n_head=2, n_embd=8, tied_embeddings=tied,
+                    lm_head_bias=not tied, loss_chunk=6, backward="lean",
+                    lora=LoRAConfig(rank=2, alpha=6.0, targets=("q", "logits")))
+    params = init_params(cfg, jax.random.key(0))
+    params = jax.tree.map(jnp.add, params, random_tree(jax.random.key(1), params, 0.3))
+    k1, k2 = jax.random.split(jax.random.key(2))
+    inputs = jax.random.randint(k1, (2, 7), 0, cfg.vocab_size)
+    targets = jax.random.randint(k2, (2, 7), 0, cfg.vocab_size).at[1, 6].set(IGNORE_INDEX)
+    z = np.asarray(forward(params, inputs, cfg), np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    t = np.asarray(targets)
+    counted = t != IGNORE_INDEX
+    expected = -np.take_along_axis(logp, np.where(counted, t, 0)[..., None], -1)[..., 0][counted].mean()
+    for backend in ("manual", "autodiff"):
+        np.testing.assert_allclose(float(loss_fn(params, inputs, targets, cfg, backend)), expected, rtol=1e-5)
 
 
 # --- invalid configs: ValueError naming the field ------------------------------------------------------

@@ -210,8 +210,8 @@ CATALOG: list[Mutation] = [
     Mutation("model_loss_lora_scale_dropped", "manual_grad/model.py",
              '"loss": dict(tied=cfg.tied_embeddings, lora_scale=s,',
              '"loss": dict(tied=cfg.tied_embeddings, lora_scale=1.0,',
-             ("tests/test_model.py", "-k", "merge_lora"),
-             "the model's logits adapter runs with s = 1, in both backends alike"),
+             ("tests/test_fuzz.py", "-k", "cross_entropy"),
+             "the loss layer's logits adapter runs with s = 1, in both backends alike (forward's logits keep s)"),
     # --- dropout --------------------------------------------------------------------------------------
     Mutation("dropout_not_rescaled", "manual_grad/layers/dropout.py",
              "return jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(dtype)",
