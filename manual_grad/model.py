@@ -346,8 +346,9 @@ def _hidden(params: Params, inputs, cfg: GPTConfig, backend: str, dropout_key, t
 
 
 def _split(inputs, cfg: GPTConfig, backend: str, mesh):
-    """The time axis split over ``mesh``'s seq axis (:mod:`manual_grad.seq_parallel`), or None."""
-    return seq_split(mesh, inputs.shape, causal=cfg.causal, backend=backend, tile=cfg.attn_block_size)
+    """``(split, core)``: the time axis split over ``mesh``'s seq axis and its ring, or (None, None)."""
+    split = seq_split(mesh, inputs.shape, causal=cfg.causal, backend=backend, tile=cfg.attn_block_size)
+    return split, (None if split is None else split.core)
 
 
 def _head(params: Params, cfg: GPTConfig):
@@ -364,8 +365,7 @@ def forward(params: Params, inputs: jax.typing.ArrayLike, cfg: GPTConfig, backen
     """Logits (B, T, V) for token ids ``inputs`` (B, T). Dropout only when ``dropout_key`` is given;
     ``tap(name, value)`` sees every op's output; ``mesh``: as for :func:`loss_fn`."""
     _check_call(params, inputs, cfg, backend)
-    params, split = _compute_params(params, cfg), _split(inputs, cfg, backend, mesh)
-    core = None if split is None else split.core
+    params, (split, core) = _compute_params(params, cfg), _split(inputs, cfg, backend, mesh)
 
     def logits(params, inputs, key):
         return head(params, _hidden(params, inputs, cfg, backend, key, tap, core), cfg, backend, tap=tap)
@@ -388,8 +388,7 @@ def loss_fn(params: Params, inputs: jax.typing.ArrayLike, targets: jax.typing.Ar
     if targets.shape != inputs.shape:
         raise ValueError(f"targets must have the shape of inputs {tuple(inputs.shape)}, "
                          f"got {tuple(targets.shape)}")
-    params, split = _compute_params(params, cfg), _split(inputs, cfg, backend, mesh)
-    core = None if split is None else split.core
+    params, (split, core) = _compute_params(params, cfg), _split(inputs, cfg, backend, mesh)
 
     def loss(params, inputs, targets, key):
         x = final_norm(params, _hidden(params, inputs, cfg, backend, key, tap, core), cfg, backend, tap=tap)
