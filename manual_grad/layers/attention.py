@@ -124,6 +124,14 @@ def attend_ref(q, k, v, *, causal):
 # (= rowsum(G ∘ ρ), since out = ρ v):  dS_ij = ρ_ij ∘ (Δ_i v_j^T - delta_i).
 # With a causal mask the tiles above the diagonal are skipped, in both passes.
 
+def _tied(pair, carry):
+    """``(pair, carry)`` through an optimization barrier: the tile's indices then depend on the
+    loop's data, so the masks built from them are computed per tile, never hoisted out of the
+    loop into a stacked (n_tiles, B, H, b, b) array."""
+    (i, j), carry = jax.lax.optimization_barrier(((pair[0], pair[1]), carry))
+    return (i, j), carry
+
+
 def _tile_pairs(n_blocks, causal):
     """(n_tiles, 2) int array of (query block, key block), rows in query-block order."""
     return np.array([(i, j) for i in range(n_blocks) for j in range(n_blocks) if not causal or j <= i],
@@ -169,8 +177,7 @@ def flash_attend_fwd(q, k, v, *, causal, block):
     f32 = accumulation_dtype(q.dtype)
 
     def tile(carry, pair):
-        acc, m, l = carry                                   # (B, H, Tp, D), (B, H, Tp), (B, H, Tp)
-        i, j = pair[0], pair[1]
+        (i, j), (acc, m, l) = _tied(pair, carry)            # (B, H, Tp, D), (B, H, Tp), (B, H, Tp)
         s = _tile_scores(_rows(q, i, block), _rows(k, j, block), i, j, block, T, causal)
         m_old, l_old = _rows(m, i, block), _rows(l, i, block)    # (B, H, b)
         m_new = jnp.maximum(m_old, s.max(-1))               # key 0 is visible to every row: finite
@@ -203,8 +210,7 @@ def flash_attend_bwd(q, k, v, out, lse, dout, *, causal, block):
     scale = 1.0 / math.sqrt(q.shape[-1])
 
     def tile(carry, pair):
-        dq, dk, dv = carry                                  # float32 (B, H, Tp, D)
-        i, j = pair[0], pair[1]
+        (i, j), (dq, dk, dv) = _tied(pair, carry)           # float32 (B, H, Tp, D)
         q_i, k_j, v_j, dout_i = _rows(q, i, block), _rows(k, j, block), _rows(v, j, block), _rows(dout, i, block)
         s = _tile_scores(q_i, k_j, i, j, block, T, causal)
         p = jnp.exp(s - _rows(lse, i, block)[..., None])                     # ρ_ij: (B, H, b, b)
