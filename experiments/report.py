@@ -112,7 +112,7 @@ def linear_attention(r):
              f"T = {lengths[0]} … {lengths[-1]}",
              f"max relative gradient error {worst:.1e} (float64, causal/not, normalised/not). Time (ms): {timing}",
              f"**{'holds' if worst < ZERO else 'fails'}** (the formula); linear is faster than each softmax from T = "
-             + ", ".join(f"{v} ({k})" for k, v in cross.items())
+             + ", ".join(f"{v if v is not None else f'never up to {lengths[-1]}'} ({k})" for k, v in cross.items())
              + f"; at T = {lengths[-1]} it takes {ratio:.2f}× the fastest softmax's time", plot_link(r))]
 
 
