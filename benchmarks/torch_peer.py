@@ -136,6 +136,10 @@ def torch_train_step(model: nn.Module, optimizer_settings: dict, *, compile_mode
     s = optimizer_settings
     optimizer = torch.optim.AdamW(model.parameters(), lr=s["learning_rate"], betas=(s["b1"], s["b2"]),
                                   eps=s["eps"], weight_decay=s["weight_decay"])
+    if compile_model:
+        # A fresh compiler state per peer: dynamo counts recompilations of the model's forward
+        # across instances and, past its limit (8), silently runs later shapes eagerly.
+        torch._dynamo.reset()
     forward = torch.compile(model, dynamic=False) if compile_model else model
 
     def forward_backward(idx, targets):
