@@ -124,12 +124,11 @@ def attend_ref(q, k, v, *, causal):
 # (= rowsum(G ∘ ρ), since out = ρ v):  dS_ij = ρ_ij ∘ (Δ_i v_j^T - delta_i).
 # With a causal mask the tiles above the diagonal are skipped, in both passes.
 
-def _tied(pair, carry):
-    """``(pair, carry)`` through an optimization barrier: the tile's indices then depend on the
-    loop's data, so the masks built from them are computed per tile, never hoisted out of the
-    loop into a stacked (n_tiles, B, H, b, b) array."""
-    (i, j), carry = jax.lax.optimization_barrier(((pair[0], pair[1]), carry))
-    return (i, j), carry
+def tied(index, arrays):
+    """``(index, arrays)`` through an optimization barrier: a tile's index then depends on the
+    loop's data, so neither JAX (partial evaluation under ``grad``) nor XLA hoists the masks
+    built from it out of the tile loop into a stacked (n_tiles, ..., b, b) array."""
+    return jax.lax.optimization_barrier((index, arrays))
 
 
 def _tile_pairs(n_blocks, causal):
@@ -142,13 +141,18 @@ def _pad_time(x, padded):
     return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, padded - x.shape[-2]), (0, 0)])
 
 
-def _tile_scores(q_i, k_j, i, j, block, T, causal):
-    """Masked S_ij = q_i k_j^T / sqrt(D), in at least float32: (B, H, b, D) x (B, H, b, D) -> (B, H, b, b)."""
+def tile_scores(q_i, k_j, i, j, sizes, Tk, causal):
+    """Masked S = q_i k_j^T / sqrt(D), in at least float32: (B, H, bq, D) x (B, H, bk, D) ->
+    (B, H, bq, bk), for query tile i and key tile j of ``sizes = (bq, bk)``. Key index
+    j*bk + t is visible when < Tk and, causal, <= the query's index i*bq + s."""
     s = jnp.einsum("...qd,...kd->...qk", q_i, k_j, preferred_element_type=accumulation_dtype(q_i.dtype))
     s = s * (1.0 / math.sqrt(q_i.shape[-1]))
-    q_pos = i * block + jnp.arange(block)[:, None]
-    k_pos = j * block + jnp.arange(block)[None, :]
-    visible = (k_pos < T) & ((k_pos <= q_pos) if causal else True)
+    if not causal and Tk % sizes[1] == 0:
+        return s                                                     # no mask, no padded key
+    k_idx = j * sizes[1] + jnp.arange(sizes[1])[None, :]
+    visible = k_idx < Tk
+    if causal:
+        visible = visible & (i * sizes[0] + jnp.arange(sizes[0])[:, None] >= k_idx)
     return jnp.where(visible, s, -jnp.inf)
 
 
@@ -177,8 +181,8 @@ def flash_attend_fwd(q, k, v, *, causal, block):
     f32 = accumulation_dtype(q.dtype)
 
     def tile(carry, pair):
-        (i, j), (acc, m, l) = _tied(pair, carry)            # (B, H, Tp, D), (B, H, Tp), (B, H, Tp)
-        s = _tile_scores(_rows(q, i, block), _rows(k, j, block), i, j, block, T, causal)
+        (i, j), (acc, m, l) = tied((pair[0], pair[1]), carry)   # (B, H, Tp, D), (B, H, Tp) x2
+        s = tile_scores(_rows(q, i, block), _rows(k, j, block), i, j, (block, block), T, causal)
         m_old, l_old = _rows(m, i, block), _rows(l, i, block)    # (B, H, b)
         m_new = jnp.maximum(m_old, s.max(-1))               # key 0 is visible to every row: finite
         p = jnp.exp(s - m_new[..., None])                   # (B, H, b, b)
@@ -210,9 +214,9 @@ def flash_attend_bwd(q, k, v, out, lse, dout, *, causal, block):
     scale = 1.0 / math.sqrt(q.shape[-1])
 
     def tile(carry, pair):
-        (i, j), (dq, dk, dv) = _tied(pair, carry)           # float32 (B, H, Tp, D)
+        (i, j), (dq, dk, dv) = tied((pair[0], pair[1]), carry)           # float32 (B, H, Tp, D)
         q_i, k_j, v_j, dout_i = _rows(q, i, block), _rows(k, j, block), _rows(v, j, block), _rows(dout, i, block)
-        s = _tile_scores(q_i, k_j, i, j, block, T, causal)
+        s = tile_scores(q_i, k_j, i, j, (block, block), T, causal)
         p = jnp.exp(s - _rows(lse, i, block)[..., None])                     # ρ_ij: (B, H, b, b)
         dv = _add_rows(dv, j, block, jnp.einsum("...qk,...qd->...kd", p.astype(dout.dtype), dout_i,
                                                  preferred_element_type=f32))   # ρ^T Δ

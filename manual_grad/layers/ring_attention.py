@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manual_grad.layers.attention import accumulation_dtype, tile_size
+from manual_grad.layers.attention import accumulation_dtype, tied, tile_scores, tile_size
 from manual_grad.vjp import manual_vjp
 
 __all__ = ["ring_attend", "ring_attend_fwd", "ring_attend_bwd", "ring_attend_ref", "ring_core",
@@ -72,27 +72,6 @@ def _untile(a, T):
     return a.reshape(*a.shape[:2], -1, *a.shape[4:])[:, :, :T]
 
 
-def _tile_scores(q_i, k_j, i, j, sizes, Tk, causal):
-    """Masked S = q_i k_j^T / sqrt(D): (B, H, bq, D) x (B, H, bk, D) -> (B, H, bq, bk).
-    Key index j*bk + t is visible when < Tk and, causal, <= the query's index i*bq + s."""
-    s = jnp.einsum("...qd,...kd->...qk", q_i, k_j, preferred_element_type=accumulation_dtype(q_i.dtype))
-    s = s * (1.0 / math.sqrt(q_i.shape[-1]))
-    if not causal and Tk % sizes[1] == 0:
-        return s                                                     # no mask, no padded key
-    k_idx = j * sizes[1] + jnp.arange(sizes[1])[None, :]
-    visible = k_idx < Tk
-    if causal:
-        visible = visible & (i * sizes[0] + jnp.arange(sizes[0])[:, None] >= k_idx)
-    return jnp.where(visible, s, -jnp.inf)
-
-
-def _tied(index, arrays):
-    """``(index, arrays)`` through an optimization barrier: a tile's index then depends on its
-    data, so neither JAX (partial evaluation under ``grad``) nor XLA hoists the masks out of
-    the tile loops into stacked per-tile arrays (n_q n_k tile² booleans per block)."""
-    return jax.lax.optimization_barrier((index, arrays))
-
-
 def _sizes(Tq, Tk, tile):
     return tile_size(Tq, tile), tile_size(Tk, tile)
 
@@ -106,12 +85,12 @@ def _block_fwd(q, k, v, *, causal, tile):
     kt, vt = _tiles(k, sizes[1]), _tiles(v, sizes[1])
 
     def query_tile(i, q_i):
-        i, q_i = _tied(i, q_i)
+        i, q_i = tied(i, q_i)
 
         def key_tile(carry, tile_inputs):
             acc, m, l, j = carry                                     # (B, H, bq, D), (B, H, bq) x2, ()
-            j, (k_j, v_j) = _tied(j, tile_inputs)
-            s = _tile_scores(q_i, k_j, i, j, sizes, k.shape[2], causal)
+            j, (k_j, v_j) = tied(j, tile_inputs)
+            s = tile_scores(q_i, k_j, i, j, sizes, k.shape[2], causal)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])                        # (B, H, bq, bk)
             correction = jnp.exp(m - m_new)
@@ -136,12 +115,12 @@ def _block_bwd(q, k, v, dout, lse, delta, *, causal, tile):
 
     def query_tile(carry, inputs):
         dk_acc, dv_acc, i = carry
-        i, (q_i, dout_i, lse_i, delta_i) = _tied(i, inputs)         # padded rows: q, Δ = 0 give 0
+        i, (q_i, dout_i, lse_i, delta_i) = tied(i, inputs)         # padded rows: q, Δ = 0 give 0
 
         def key_tile(carry, tile_inputs):
             dq_i, j = carry
-            j, (k_j, v_j) = _tied(j, tile_inputs)
-            p = jnp.exp(_tile_scores(q_i, k_j, i, j, sizes, k.shape[2], causal) - lse_i[..., None])  # ρ_ij
+            j, (k_j, v_j) = tied(j, tile_inputs)
+            p = jnp.exp(tile_scores(q_i, k_j, i, j, sizes, k.shape[2], causal) - lse_i[..., None])  # ρ_ij
             dv_j = jnp.einsum("...qk,...qd->...kd", p.astype(dout.dtype), dout_i, preferred_element_type=f32)
             dp = jnp.einsum("...qd,...kd->...qk", dout_i, v_j, preferred_element_type=f32)        # Δ v^T
             ds = p * (dp - delta_i[..., None]) * scale                                            # dS_raw
