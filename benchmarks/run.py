@@ -31,6 +31,7 @@ from benchmarks.timing import ratio, summarise, time_interleaved
 from benchmarks.train_step import (OPTIMIZER, bench_config, make_optimizer, make_train_step, random_batch,
                                    train_flops_per_token)
 from manual_grad import GPTConfig, count_params, init_params, loss_fn
+from manual_grad.training.host_memory import keep_host_memory
 
 __all__ = ["main", "Plan", "make_plan", "bench_config", "parse_overrides"]
 
@@ -345,6 +346,7 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    keep_host_memory()      # for every contender in this process, before JAX starts its CPU client
     if args.device == "gpu" and jax.default_backend() == "cpu":
         raise SystemExit("--device gpu: JAX sees no GPU here (jax.default_backend() is 'cpu')")
     if args.device == "cpu":

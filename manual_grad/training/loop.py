@@ -42,6 +42,7 @@ from manual_grad.generate import generate
 from manual_grad.loading import CHECKPOINT, LORA_CHECKPOINT, checkpoint_path, load_base
 from manual_grad.model import count_params, merge_lora
 from manual_grad.paths import check_out_dir, path_errors
+from manual_grad.training.host_memory import keep_host_memory
 from manual_grad.training.memory import check_fits
 from manual_grad.training.config import TrainConfig
 from manual_grad.training.optimizer import make_optimizer, make_schedule
@@ -90,6 +91,7 @@ class Run:
 
 def train(tc: TrainConfig, *, log: TextIO | None = None, stdout: TextIO | None = None) -> TrainResult:
     """Runs training (or a LoRA fine-tune) as ``tc`` says; see the module docstring."""
+    keep_host_memory()                   # before JAX starts its CPU threads: see host_memory
     log = sys.stderr if log is None else log
     stdout = sys.stdout if stdout is None else stdout
     progress = Progress(tc.max_iters, log)
