@@ -300,7 +300,11 @@ without code changes. Results (every figure, with device, versions and config) a
 
 Method: compile excluded and reported apart; one warm-up round excluded;
 `block_until_ready` on every call; contenders interleaved in ABBA order so machine drift
-cancels in the ratios; medians with quartiles. Training FLOPs per token = 6N + 12·L·T·C
+cancels in the ratios, a contender whose call is under a second making one untimed call
+right before each timed one (so that it is timed as in a training loop, straight after a
+call of its own, not cold after another contender's); medians with quartiles. The process
+keeps the host memory it frees (`keep_host_memory`, for every contender), so no call pays
+for faulting in memory the previous one returned. Training FLOPs per token = 6N + 12·L·T·C
 (N without the position table); MFU = FLOPs/token × tokens/s ÷ the stated peak (CPU:
 cores × clock × FLOPs/cycle; GPU: the data sheet's dense peak, TF32 for float32).
 Dropout is off everywhere (the peers run the same deterministic function). The timed JAX

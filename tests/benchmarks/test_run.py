@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -154,9 +155,19 @@ def test_cpu_peak_is_cores_times_clock_times_flops_per_cycle():
 def test_time_interleaved_alternates_order_and_excludes_warmup():
     calls = []
     fns = {name: (lambda n=name: calls.append(n)) for name in "AB"}
-    times = time_interleaved(fns, repeats=4, warmup=1)
+    times = time_interleaved(fns, repeats=4, warmup=1, settle_below=0.0)
     assert calls == list("AB" + "AB" "BA" "AB" "BA")
     assert {k: len(v) for k, v in times.items()} == {"A": 4, "B": 4}
+
+
+def test_time_interleaved_settles_short_calls_only():
+    """A short contender makes an untimed call before each timed one; a long one does not."""
+    calls = []
+    fns = {"short": lambda: calls.append("s"), "long": lambda: (calls.append("L"), time.sleep(0.02))}
+    times = time_interleaved(fns, repeats=2, warmup=1, settle_below=0.01)
+    assert calls == list("sL" + "ssL" + "Lss")
+    assert {k: len(v) for k, v in times.items()} == {"short": 2, "long": 2}
+    assert min(times["long"]) >= 0.02 > max(times["short"])
 
 
 def test_summarise_and_ratio_match_numpy():
