@@ -2,8 +2,9 @@
 
 XLA:CPU allocates each call's buffers with ``malloc``: one temporary buffer holding every
 activation and residual of a training step (tens to hundreds of MiB), and the outputs (the
-gradients, the new parameters). glibc serves a request above 32 MiB, or one made by a
-worker thread whose heap cannot hold it, with a fresh ``mmap``, and unmaps it on ``free``.
+gradients, the new parameters). glibc serves a request above its mmap threshold (which
+rises with use to at most 32 MiB), or one made by a worker thread whose heap cannot hold it,
+with a fresh ``mmap``, and unmaps it on ``free``.
 So every call faults its whole working set back in, a page at a time. That costs little on
 a machine whose freed pages stay resident. On a virtual machine whose host reclaims freed
 guest memory it is not cheap. Measured on the 2-core cloud VM of the committed benchmarks:
