@@ -33,9 +33,9 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, repeats: int,
     contender's is timed cold: that contender's threads are still spinning on the cores
     (OpenMP's and XLA's pools spin for milliseconds before they sleep), its own threads are
     asleep and its data is out of the caches. In a training loop a step runs straight after
-    a step of its own, and so it is timed here. (Measured: a tiny-preset forward+backward of
-    7.6 ms alone took 10.5 ms interleaved with torch.compile's 8.1 ms one, which took 10.3 ms.)
-    Calls of a second or more are timed directly; for them the difference is noise.
+    a step of its own, and so it is timed here (the measurements: finding 7 of
+    ``benchmarks/findings.md``). Calls of a second or more are timed directly; for them the
+    difference is noise.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
