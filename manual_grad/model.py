@@ -12,15 +12,15 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from manual_grad import kernels, layers
 from manual_grad.config import GPTConfig
+from manual_grad.inputs import check_call, check_ids
 from manual_grad.layers.kv_cache import attention_cached
 from manual_grad.layers.loss import IGNORE_INDEX
 from manual_grad.seq_parallel import seq_split
 
-__all__ = ["init_params", "attach_lora", "merge_lora", "split_lora", "forward", "loss_fn",
+__all__ = ["init_params", "attach_lora", "UNROLLED_DEPTH", "merge_lora", "split_lora", "forward", "loss_fn",
            "count_params", "embed", "block", "blocks", "final_norm", "head", "BACKENDS", "IGNORE_INDEX"]
 
 Params = dict[str, Any]
@@ -181,45 +181,6 @@ def count_params(tree_or_cfg: Params | GPTConfig, *, which: str = "all") -> int:
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
 
 
-# --- input checks --------------------------------------------------------------------------
-
-def _check_ids(name: str, ids, cfg: GPTConfig, *, allow_ignore: bool = False):
-    """Shape, dtype and (when concrete) range checks, before any compute."""
-    if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
-        raise ValueError(f"{name} must be an integer array of shape (B, T), got {type(ids).__name__}")
-    if ids.ndim != 2:
-        raise ValueError(f"{name} must have rank 2 (B, T), got shape {tuple(ids.shape)}")
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(f"{name} must have an integer dtype, got {ids.dtype}")
-    B, T = ids.shape
-    if B < 1 or T < 1:
-        raise ValueError(f"{name} must have B >= 1 and T >= 1, got shape {(B, T)}")
-    if T > cfg.block_size:
-        raise ValueError(f"{name} has T={T} > block_size={cfg.block_size}")
-    if isinstance(ids, jax.core.Tracer):
-        return   # values unknown under jit: use debug checks (checkify) for those
-    values = np.asarray(ids)
-    bad = (values < 0) | (values >= cfg.vocab_size)
-    if allow_ignore:
-        bad &= values != IGNORE_INDEX
-    if bad.any():
-        allowed = f"[0, {cfg.vocab_size})" + (f" or {IGNORE_INDEX}" if allow_ignore else "")
-        raise ValueError(f"{name} has ids outside {allowed}: e.g. {values[bad].ravel()[:5].tolist()}")
-
-
-def _check_call(params, inputs, cfg, backend):
-    if not isinstance(cfg, GPTConfig):
-        raise ValueError(f"cfg must be a GPTConfig, got {type(cfg).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
-    if not isinstance(params, dict) or "wte" not in params or "blocks" not in params:
-        raise ValueError("params must be the dict made by init_params (missing 'wte' or 'blocks')")
-    if params["wte"].shape != (cfg.vocab_size, cfg.n_embd):
-        raise ValueError(f"params['wte'] has shape {params['wte'].shape}, cfg expects "
-                         f"{(cfg.vocab_size, cfg.n_embd)}: params and cfg do not match")
-    _check_ids("inputs", inputs, cfg)
-
-
 # --- the model -----------------------------------------------------------------------------
 
 def _compute_params(params: Params, cfg: GPTConfig) -> Params:
@@ -298,12 +259,18 @@ def block(x, p: Params, adapters: Params, cfg: GPTConfig, backend: str = "manual
     return x + _tapped(tap, "blocks/mlp dropout", ops.dropout(m, key_mlp, rate=rate)), cache
 
 
+UNROLLED_DEPTH = 2      # stacks of at most this many blocks are unrolled (see blocks)
+
+
 def blocks(params: Params, x, cfg: GPTConfig, backend: str = "manual", *, dropout_key=None, cache=None,
            pos=0, tap: Tap | None = None, attention_core=None):
     """Every block, by ``lax.scan`` over the stacked layers: ``(x (B, T, C), cache)``.
 
     ``cache``: (K, V) each (L, B, H, S, D), or None. Dropout when ``dropout_key`` is given and
-    ``cfg.dropout > 0``.
+    ``cfg.dropout > 0``. A stack of at most ``UNROLLED_DEPTH`` blocks is unrolled: a rolled scan
+    passes each block's residuals through zero-filled (L, ...) stacks, written and read back,
+    about a tenth of a small model's step (benchmarks/findings.md, finding 8); two blocks keep
+    the program, and the compile time, bounded.
     """
     lora = params.get("lora", {})
     rate, keys = _dropout(cfg, dropout_key)
@@ -313,7 +280,8 @@ def blocks(params: Params, x, cfg: GPTConfig, backend: str = "manual", *, dropou
         p, adapters, layer_keys, layer_cache = layer
         return block(x, p, adapters, cfg, backend, rate=rate, keys=(layer_keys[0], layer_keys[1]),
                      cache=layer_cache, pos=pos, tap=tap, attention_core=attention_core)
-    return jax.lax.scan(step, x, (params["blocks"], lora.get("blocks", {}), keys, cache))
+    unroll = 0 if cfg.n_layer <= UNROLLED_DEPTH else 1                      # 0: every step unrolled
+    return jax.lax.scan(step, x, (params["blocks"], lora.get("blocks", {}), keys, cache), unroll=unroll)
 
 
 def embed(params: Params, inputs, cfg: GPTConfig, backend: str = "manual", *, dropout_key=None,
@@ -364,7 +332,7 @@ def forward(params: Params, inputs: jax.typing.ArrayLike, cfg: GPTConfig, backen
             mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     """Logits (B, T, V) for token ids ``inputs`` (B, T). Dropout only when ``dropout_key`` is given;
     ``tap(name, value)`` sees every op's output; ``mesh``: as for :func:`loss_fn`."""
-    _check_call(params, inputs, cfg, backend)
+    check_call(params, inputs, cfg, backend, BACKENDS)
     params, (split, core) = _compute_params(params, cfg), _split(inputs, cfg, backend, mesh)
 
     def logits(params, inputs, key):
@@ -383,8 +351,8 @@ def loss_fn(params: Params, inputs: jax.typing.ArrayLike, targets: jax.typing.Ar
     :func:`manual_grad.parallel.make_mesh`; with a ``seq`` axis the time axis is split over it
     and attention runs as ring attention (:mod:`manual_grad.seq_parallel`).
     """
-    _check_call(params, inputs, cfg, backend)
-    _check_ids("targets", targets, cfg, allow_ignore=True)
+    check_call(params, inputs, cfg, backend, BACKENDS)
+    check_ids("targets", targets, cfg, allow_ignore=True)
     if targets.shape != inputs.shape:
         raise ValueError(f"targets must have the shape of inputs {tuple(inputs.shape)}, "
                          f"got {tuple(targets.shape)}")
