@@ -1,9 +1,10 @@
 // Fused causal/full multi-head attention for CPUs, forward and hand-written backward, called
 // from JAX through the XLA FFI (manual_grad/kernels/cpu_attention.py builds and registers it).
 //
-// Layout: q, k, v, out and their cotangents are time-major, (B, T, H, D): the layout of the
-// projection x W_qkv that produces them and of the merged heads that W_o consumes, so XLA hands
-// them over without transposing. lse is (B, H, T).
+// Layout: time-major. q, k, v arrive packed as the projection x W_qkv makes them, qkv
+// (B, T, 3, H, D), and their cotangents leave as one dqkv of that shape; out and its
+// cotangent are (B, T, H, D), the merged heads that W_o consumes. So XLA hands the arrays over
+// without slicing, concatenating or transposing them. lse is (B, H, T).
 //
 // One head, S = q k^T / sqrt(D), rho = softmax(mask(S)) row by row, Delta = dL/dout:
 //   forward:  out = rho v; saves out and lse = m + log sum_j exp(S_ij - m)  (B, H, T)
@@ -30,21 +31,24 @@ using namespace manual_grad_cpu;  // NOLINT: the tiles, GEMM and exp of cpu_tile
 
 struct Dims {
   int64_t B, H, T, D;
-  int64_t C() const { return H * D; }        // row stride of every (B, T, H, D) array
+  int64_t C() const { return H * D; }        // row stride of out and dout, (B, T, H, D)
+  int64_t ld() const { return 3 * C(); }     // row stride of qkv and dqkv, (B, T, 3, H, D)
   int64_t n_tiles() const { return (T + kTile - 1) / kTile; }
   int64_t offset(int64_t bh) const { return (bh / H) * T * C() + (bh % H) * D; }   // row 0 of a head
+  int64_t qkv_offset(int64_t bh) const { return (bh / H) * T * ld() + (bh % H) * D; }   // q's; k +C, v +2C
 };
 
-// Tiles of K^T (or V^T): block (b*H + h, key tile t) is x[b, tile t, h]^T, (D, kTile), zero-padded
+// Tiles of K^T (or V^T; x points at k or v in qkv): block (b*H + h, key tile t) is
+// x[b, tile t, h]^T, (D, kTile), zero-padded
 // past T. Packed once, so every tile GEMM reads a contiguous 16 KiB block (rows of a (D, T)
 // transpose would sit a power of two apart and collide in the cache).
 template <typename T>
 std::vector<T> transposed_tiles(ffi::ThreadPool& pool, const T* x, const Dims& d) {
-  const int64_t n_tiles = d.n_tiles(), block = d.D * kTile, ld = d.C();
+  const int64_t n_tiles = d.n_tiles(), block = d.D * kTile, ld = d.ld();
   std::vector<T> out(d.B * d.H * n_tiles * block, T(0));
   parallel_for(pool, d.B * d.H, [&] {
     return [&](int64_t bh) {
-      const T* head = x + d.offset(bh);
+      const T* head = x + d.qkv_offset(bh);
       for (int64_t t = 0; t < n_tiles; ++t) {
         T* dst = out.data() + (bh * n_tiles + t) * block;
         for (int64_t j = 0; j < std::min(kTile, d.T - t * kTile); ++j)
@@ -69,9 +73,9 @@ struct ForwardScratch {
 template <typename T>
 void forward_tile(const T* q, const std::vector<T>& Kt, const T* v, const Dims& d, bool causal,
                   int64_t item, ForwardScratch<T>& w, T* out, T* lse) {
-  const int64_t ld = d.C(), n_tiles = d.n_tiles();
+  const int64_t ld = d.ld(), ldo = d.C(), n_tiles = d.n_tiles();
   const int64_t bh = item / n_tiles, qt = n_tiles - 1 - item % n_tiles;   // longest rows first
-  const int64_t i0 = qt * kTile, mq = std::min(kTile, d.T - i0), base = d.offset(bh);
+  const int64_t i0 = qt * kTile, mq = std::min(kTile, d.T - i0), base = d.qkv_offset(bh);
   const T scale = T(1) / std::sqrt(T(d.D));
   for (int64_t i = 0; i < mq; ++i)
     for (int64_t c = 0; c < d.D; ++c) w.Qs[i * d.D + c] = q[base + (i0 + i) * ld + c] * scale;
@@ -95,15 +99,16 @@ void forward_tile(const T* q, const std::vector<T>& Kt, const T* v, const Dims& 
     gemm<T>(mq, d.D, nk, w.S.data(), nk, v + base + j0 * ld, ld, w.acc.data(), d.D, true);  // += rho v
   }
   for (int64_t i = 0; i < mq; ++i) {
-    for (int64_t c = 0; c < d.D; ++c) out[base + (i0 + i) * ld + c] = w.acc[i * d.D + c] / w.l[i];
+    for (int64_t c = 0; c < d.D; ++c) out[d.offset(bh) + (i0 + i) * ldo + c] = w.acc[i * d.D + c] / w.l[i];
     lse[bh * d.T + i0 + i] = w.m[i] + std::log(w.l[i]);
   }
 }
 
 template <typename T>
-void attention_forward(ffi::ThreadPool& pool, const T* q, const T* k, const T* v, const Dims& d,
-                       bool causal, T* out, T* lse) {
-  const std::vector<T> Kt = transposed_tiles(pool, k, d);
+void attention_forward(ffi::ThreadPool& pool, const T* qkv, const Dims& d, bool causal, T* out,
+                       T* lse) {
+  const T *q = qkv, *v = qkv + 2 * d.C();
+  const std::vector<T> Kt = transposed_tiles(pool, qkv + d.C(), d);
   parallel_for(pool, d.B * d.H * d.n_tiles(), [&] {
     return [&, w = ForwardScratch<T>(d)](int64_t item) mutable {
       forward_tile(q, Kt, v, d, causal, item, w, out, lse);
@@ -121,8 +126,8 @@ struct BackwardScratch {
   std::vector<T> Qs, dq, delta, P, dP, dk, dv;
 };
 
-// The arrays of one call, each moved to one head's row 0 (rows C apart); Kt, Vt: the head's
-// first tile block; lse: the head's row.
+// The arrays of one call, each moved to one head's row 0 (q, k, dq, dk, dv rows 3C apart, o and
+// dO rows C apart); Kt, Vt: the head's first tile block; lse: the head's row.
 template <typename T>
 struct Head {
   const T *q, *k, *o, *dO, *lse, *Kt, *Vt;
@@ -133,12 +138,12 @@ struct Head {
 template <typename T>
 void backward_tile(const Head<T>& x, const Dims& d, bool causal, int64_t i0, int64_t mq,
                    int64_t j0, int64_t nk, BackwardScratch<T>& w) {
-  const int64_t ld = d.C(), block = (j0 / kTile) * d.D * kTile;
+  const int64_t ld = d.ld(), ldo = d.C(), block = (j0 / kTile) * d.D * kTile;
   T *P = w.P.data(), *dP = w.dP.data();
   tile_scores(w.Qs.data() + i0 * d.D, d.D, x.Kt + block, i0, mq, j0, nk, causal, P);
   for (int64_t i = 0; i < mq; ++i) exp_row(P + i * nk, nk, x.lse[i0 + i]);   // rho = exp(S - lse)
-  gemm<T, true>(nk, d.D, mq, P, nk, x.dO + i0 * ld, ld, w.dv.data(), d.D, true);   // += rho^T Delta
-  gemm<T>(mq, nk, d.D, x.dO + i0 * ld, ld, x.Vt + block, kTile, dP, nk, false);   // G = Delta v^T
+  gemm<T, true>(nk, d.D, mq, P, nk, x.dO + i0 * ldo, ldo, w.dv.data(), d.D, true);   // += rho^T Delta
+  gemm<T>(mq, nk, d.D, x.dO + i0 * ldo, ldo, x.Vt + block, kTile, dP, nk, false);   // G = Delta v^T
   for (int64_t i = 0; i < mq; ++i)                       // dS = rho o (G - delta)
     for (int64_t j = 0; j < nk; ++j) P[i * nk + j] *= dP[i * nk + j] - w.delta[i0 + i];
   gemm<T>(mq, d.D, nk, P, nk, x.k + j0 * ld, ld, w.dq.data() + i0 * d.D, d.D, true);   // += dS k
@@ -147,13 +152,13 @@ void backward_tile(const Head<T>& x, const Dims& d, bool causal, int64_t i0, int
 
 template <typename T>
 void backward_head(const Head<T>& x, const Dims& d, bool causal, BackwardScratch<T>& w) {
-  const int64_t ld = d.C(), n_tiles = d.n_tiles();
+  const int64_t ld = d.ld(), ldo = d.C(), n_tiles = d.n_tiles();
   const T scale = T(1) / std::sqrt(T(d.D));
   for (int64_t i = 0; i < d.T; ++i) {
     T s = 0;
     for (int64_t c = 0; c < d.D; ++c) {
       w.Qs[i * d.D + c] = x.q[i * ld + c] * scale;
-      s += x.dO[i * ld + c] * x.o[i * ld + c];
+      s += x.dO[i * ldo + c] * x.o[i * ldo + c];
     }
     w.delta[i] = s;                                      // rowsum(Delta o out)
   }
@@ -175,30 +180,29 @@ void backward_head(const Head<T>& x, const Dims& d, bool causal, BackwardScratch
 }
 
 template <typename T>
-void attention_backward(ffi::ThreadPool& pool, const T* q, const T* k, const T* v, const T* out,
-                        const T* lse, const T* dout, const Dims& d, bool causal, T* dq, T* dk,
-                        T* dv) {
-  const std::vector<T> Kt = transposed_tiles(pool, k, d), Vt = transposed_tiles(pool, v, d);
-  const int64_t block = d.n_tiles() * d.D * kTile;
+void attention_backward(ffi::ThreadPool& pool, const T* qkv, const T* out, const T* lse,
+                        const T* dout, const Dims& d, bool causal, T* dqkv) {
+  const int64_t C = d.C(), block = d.n_tiles() * d.D * kTile;
+  const std::vector<T> Kt = transposed_tiles(pool, qkv + C, d), Vt = transposed_tiles(pool, qkv + 2 * C, d);
   parallel_for(pool, d.B * d.H, [&] {
     return [&, w = BackwardScratch<T>(d)](int64_t bh) mutable {
-      const int64_t o = d.offset(bh);
-      const Head<T> x{q + o, k + o, out + o, dout + o, lse + bh * d.T, Kt.data() + bh * block,
-                      Vt.data() + bh * block, dq + o, dk + o, dv + o};
+      const int64_t i = d.qkv_offset(bh), o = d.offset(bh);
+      const Head<T> x{qkv + i, qkv + i + C, out + o, dout + o, lse + bh * d.T, Kt.data() + bh * block,
+                      Vt.data() + bh * block, dqkv + i, dqkv + i + C, dqkv + i + 2 * C};
       backward_head(x, d, causal, w);
     };
   });
 }
 
-// --- FFI bindings: q, k, v, out, dout, dq, dk, dv (..., T, H, D); lse (..., H, T) ------------
+// --- FFI bindings: qkv, dqkv (..., T, 3, H, D); out, dout (..., T, H, D); lse (..., H, T) ---
 
-ffi::Error dims_of(const ffi::AnyBuffer& q, Dims* d) {
-  const auto shape = q.dimensions();
-  if (shape.size() < 3) return ffi::Error::InvalidArgument("q must be (..., T, H, D)");
+ffi::Error dims_of(const ffi::AnyBuffer& qkv, Dims* d) {
+  const auto shape = qkv.dimensions();
   const size_t r = shape.size();
+  if (r < 4 || shape[r - 3] != 3) return ffi::Error::InvalidArgument("qkv must be (..., T, 3, H, D)");
   d->B = 1;
-  for (size_t i = 0; i + 3 < r; ++i) d->B *= shape[i];
-  d->T = shape[r - 3];
+  for (size_t i = 0; i + 4 < r; ++i) d->B *= shape[i];
+  d->T = shape[r - 4];
   d->H = shape[r - 2];
   d->D = shape[r - 1];
   return ffi::Error::Success();
@@ -221,27 +225,25 @@ ffi::Error for_dtype(const ffi::AnyBuffer& q, Run&& run) {
   }
 }
 
-ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                        ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
-                        bool causal) {
+ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::Result<ffi::AnyBuffer> out,
+                        ffi::Result<ffi::AnyBuffer> lse, bool causal) {
   Dims d;
-  if (auto e = dims_of(q, &d); e.failure()) return e;
-  return for_dtype(q, [&](auto zero) {
+  if (auto e = dims_of(qkv, &d); e.failure()) return e;
+  return for_dtype(qkv, [&](auto zero) {
     using T = decltype(zero);
-    attention_forward(pool, data<T>(q), data<T>(k), data<T>(v), d, causal, data<T>(out), data<T>(lse));
+    attention_forward(pool, data<T>(qkv), d, causal, data<T>(out), data<T>(lse));
   });
 }
 
-ffi::Error backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                         ffi::AnyBuffer out, ffi::AnyBuffer lse, ffi::AnyBuffer dout,
-                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                         ffi::Result<ffi::AnyBuffer> dv, bool causal) {
+ffi::Error backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::AnyBuffer out,
+                         ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dqkv,
+                         bool causal) {
   Dims d;
-  if (auto e = dims_of(q, &d); e.failure()) return e;
-  return for_dtype(q, [&](auto zero) {
+  if (auto e = dims_of(qkv, &d); e.failure()) return e;
+  return for_dtype(qkv, [&](auto zero) {
     using T = decltype(zero);
-    attention_backward(pool, data<T>(q), data<T>(k), data<T>(v), data<T>(out), data<T>(lse),
-                       data<T>(dout), d, causal, data<T>(dq), data<T>(dk), data<T>(dv));
+    attention_backward(pool, data<T>(qkv), data<T>(out), data<T>(lse), data<T>(dout), d, causal,
+                       data<T>(dqkv));
   });
 }
 
@@ -250,9 +252,7 @@ ffi::Error backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MgAttentionForward, forward_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()       // q
-                                  .Arg<ffi::AnyBuffer>()       // k
-                                  .Arg<ffi::AnyBuffer>()       // v
+                                  .Arg<ffi::AnyBuffer>()       // qkv (..., T, 3, H, D)
                                   .Ret<ffi::AnyBuffer>()       // out
                                   .Ret<ffi::AnyBuffer>()       // lse (..., H, T), row-major
                                   .Attr<bool>("causal"));
@@ -260,13 +260,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MgAttentionForward, forward_impl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MgAttentionBackward, backward_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()       // q
-                                  .Arg<ffi::AnyBuffer>()       // k
-                                  .Arg<ffi::AnyBuffer>()       // v
+                                  .Arg<ffi::AnyBuffer>()       // qkv
                                   .Arg<ffi::AnyBuffer>()       // out
                                   .Arg<ffi::AnyBuffer>()       // lse
                                   .Arg<ffi::AnyBuffer>()       // dout
-                                  .Ret<ffi::AnyBuffer>()       // dq
-                                  .Ret<ffi::AnyBuffer>()       // dk
-                                  .Ret<ffi::AnyBuffer>()       // dv
+                                  .Ret<ffi::AnyBuffer>()       // dqkv (..., T, 3, H, D)
                                   .Attr<bool>("causal"));

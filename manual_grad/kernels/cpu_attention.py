@@ -8,8 +8,11 @@ Backward:  per (batch, head): delta = rowsum(Δ ∘ out), then with ρ_ij = exp(
            recomputed tile by tile, dv_j = Σ_i ρ_ij^T Δ_i, dS_ij = ρ_ij ∘ (Δ_i v_j^T - delta_i),
            dq_i = Σ_j dS_ij k_j / sqrt(D), dk_j = Σ_i dS_ij^T q_i / sqrt(D).
 Every tile product is a register-tiled GEMM on a 16 KiB block; work is spread over XLA's own
-intra-op thread pool. The kernel takes q, k, v, out and the cotangents time-major, (B, T, H, D):
-the layout of the qkv projection and of the merged heads, so XLA needs no transpose around it.
+intra-op thread pool. The kernel takes q, k, v packed and time-major, qkv (B, T, 3, H, D), and
+returns dq, dk, dv packed the same way; out and its cotangent are (B, T, H, D). These are the
+layouts of the qkv projection and of the merged heads: in the attention layer XLA folds the
+split, the head transposes and the packing back into the projection, and the unpacking and the
+layer's concatenation of dq, dk, dv into dqkv, so the kernel reads and writes them in place.
 
 The kernel is compiled on first use with the machine's C++ compiler (``$CXX``, else ``g++``)
 with ``-O3 -march=native`` into a cache directory (``$MANUAL_GRAD_CACHE``, default
@@ -30,6 +33,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +43,7 @@ from manual_grad.layers.attention import attend_jvp, attend_ref
 from manual_grad.vjp import manual_vjp
 
 __all__ = ["cpu_attention", "cpu_attention_fwd", "cpu_attention_bwd", "cpu_attention_ref",
+           "cpu_attention_packed_fwd", "cpu_attention_packed_bwd", "PackedCore",
            "available"]
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
@@ -113,48 +118,75 @@ def available(dtype=jnp.float32) -> bool:
     return (jax.default_backend() == "cpu" and jnp.dtype(dtype) in SUPPORTED_DTYPES and _load())
 
 
+class PackedCore(NamedTuple):
+    """A core's entry points on packed q, k, v: ``fwd(qkv (B, T, 3, H, D), *, causal) -> (out
+    (B, H, T, D), residuals)`` and ``bwd(causal, residuals, dout) -> dqkv (B, T, 3, H, D)``."""
+    fwd: Callable
+    bwd: Callable
+
+
 def _time_major(a):
     """(B, H, T, D) <-> (B, T, H, D). Around the layer's split_heads / merge_heads transposes
-    XLA cancels each pair, so the kernel reads the qkv projection in place."""
+    XLA cancels each pair."""
     return a.swapaxes(-2, -3)
 
 
-def cpu_attention_fwd(q, k, v, *, causal=True):
-    """``out = ρ v`` for (B, H, T, D) q, k, v; saves q, k, v, out (each as (B, T, H, D)) and
-    lse (B, H, T)."""
-    if not available(q.dtype):
-        raise RuntimeError(f"cpu_attention: the CPU kernel does not serve {q.dtype} on the "
+def _pack(q, k, v):
+    """(B, H, T, D) q, k, v -> qkv (B, T, 3, H, D)."""
+    return jnp.stack([_time_major(a) for a in (q, k, v)], axis=-3)
+
+
+def _unpack(qkv):
+    """qkv (B, T, 3, H, D) -> (B, H, T, D) q, k, v."""
+    return tuple(_time_major(qkv[..., i, :, :]) for i in range(3))
+
+
+def cpu_attention_packed_fwd(qkv, *, causal=True):
+    """``out = ρ v`` (B, H, T, D) for q, k, v packed as qkv (B, T, 3, H, D) (the qkv projection,
+    reshaped); saves qkv, out (B, T, H, D) and lse (B, H, T)."""
+    if not available(qkv.dtype):
+        raise RuntimeError(f"cpu_attention: the CPU kernel does not serve {qkv.dtype} on the "
                            f"{jax.default_backend()} backend here (see cpu_attention.available)")
-    q, k, v = (_time_major(a) for a in (q, k, v))
-    lse_shape = (*q.shape[:-3], q.shape[-2], q.shape[-3])
-    call = jax.ffi.ffi_call(_TARGETS["forward"], (jax.ShapeDtypeStruct(q.shape, q.dtype),
-                                                  jax.ShapeDtypeStruct(lse_shape, q.dtype)),
+    *batch, T, _, H, D = qkv.shape
+    call = jax.ffi.ffi_call(_TARGETS["forward"], (jax.ShapeDtypeStruct((*batch, T, H, D), qkv.dtype),
+                                                  jax.ShapeDtypeStruct((*batch, H, T), qkv.dtype)),
                             vmap_method="broadcast_all")
-    out, lse = call(q, k, v, causal=bool(causal))
-    return _time_major(out), (q, k, v, out, lse)
+    out, lse = call(qkv, causal=bool(causal))
+    return _time_major(out), (qkv, out, lse)
+
+
+def cpu_attention_packed_bwd(causal, residuals, dout):
+    """Backward of :func:`cpu_attention_packed_fwd`: dqkv (B, T, 3, H, D), ρ recomputed tile by
+    tile."""
+    qkv, out, lse = residuals
+    call = jax.ffi.ffi_call(_TARGETS["backward"], jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
+                            vmap_method="broadcast_all")
+    return call(qkv, out, lse, _time_major(dout), causal=bool(causal))
+
+
+def cpu_attention_fwd(q, k, v, *, causal=True):
+    """``out = ρ v`` for (B, H, T, D) q, k, v: :func:`cpu_attention_packed_fwd` on them packed."""
+    return cpu_attention_packed_fwd(_pack(q, k, v), causal=causal)
 
 
 def cpu_attention_bwd(causal, residuals, dout):
-    """Backward of :func:`cpu_attention_fwd`: ``(dq, dk, dv)``, ρ recomputed tile by tile."""
-    q, k, v, out, lse = residuals
-    call = jax.ffi.ffi_call(
-        _TARGETS["backward"], tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v)),
-        vmap_method="broadcast_all")
-    grads = call(q, k, v, out, lse, _time_major(dout), causal=bool(causal))
-    return tuple(_time_major(g) for g in grads)
+    """Backward of :func:`cpu_attention_fwd`: ``(dq, dk, dv)``."""
+    return _unpack(cpu_attention_packed_bwd(causal, residuals, dout))
 
 
 def cpu_attention_jvp(residuals, tangents, *, causal=True):
     """Tangent of the output (forward mode): ρ rebuilt whole from q and k, then
     :func:`manual_grad.layers.attention.attend_jvp` (forward mode holds a (B, H, T, T) array)."""
-    q, k, v = (_time_major(a) for a in residuals[:3])
+    q, k, v = _unpack(residuals[0])
     return attend_jvp(q, k, v, attention_probs(q, k, causal), *tangents)
 
 
 _QKV = "B H T D"
 cpu_attention = manual_vjp(cpu_attention_fwd, cpu_attention_bwd, jvp=cpu_attention_jvp,
                            shapes=dict(q=_QKV, k=_QKV, v=_QKV))
-cpu_attention.output = lambda residuals: _time_major(residuals[3])   # out (B, H, T, D), for the layer
+cpu_attention.output = lambda residuals: _time_major(residuals[1])   # out (B, H, T, D), for the layer
+# The kernel's own interface, for the layer: qkv (B, T, 3, H, D) in, dqkv out, no split or concatenate.
+cpu_attention.packed = PackedCore(cpu_attention_packed_fwd, cpu_attention_packed_bwd)
 
 
 def cpu_attention_ref(q, k, v, *, causal=True):

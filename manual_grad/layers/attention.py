@@ -256,16 +256,19 @@ def attention_fwd(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, l
     ρ (B, H, T, T). ``backward="lean"`` (flash) saves the same but the per-row log-sum-exp
     (B, H, T) instead of ρ, and works on (tile, tile) tiles in both passes.
     ``core``: another op on (q, k, v) with the setting ``causal``, made by ``manual_vjp``
-    (a fused kernel, :mod:`manual_grad.kernels`), whose fwd and bwd replace the core's; the
-    layer saves the core's residuals alone (q, k, v and the heads' output are among them, read
-    back with ``core.output``); the other paths save the merged heads (B, T, C) for W_o's
-    backward.
+    (a fused kernel, :mod:`manual_grad.kernels`), whose fwd and bwd replace the core's (its
+    ``packed`` ones when it has them: they take qkv whole and return dqkv, so no split or
+    concatenation is made). The layer saves the core's residuals alone (q, k, v and the heads'
+    output are among them, read back with ``core.output``); the other paths save the merged
+    heads (B, T, C) for W_o's backward.
     """
     check_choice("backward", backward, BACKWARDS)
     qkv_adapters, o_adapters = _split_adapters(adapters)
     qkv, xa_qkv = lora_project_fwd(x, w_qkv, b_qkv, qkv_adapters, parts=QKV, scale=lora_scale)
     q, k, v = (split_heads(part, n_head) for part in jnp.split(qkv, 3, axis=-1))   # (B, H, T, D)
-    if core is not None:
+    if _packed(core) is not None:                              # the kernel reads qkv in place
+        heads, softmax_state = core.packed.fwd(qkv.reshape(*qkv.shape[:-1], 3, n_head, -1), causal=causal)
+    elif core is not None:
         heads, softmax_state = core.fwd(q, k, v, causal=causal)                      # the core's own
     elif backward == "paper":
         heads, softmax_state = attend_fwd(q, k, v, causal=causal)                    # ρ
@@ -276,6 +279,12 @@ def attention_fwd(x, w_qkv, b_qkv, w_o, b_o, adapters, *, n_head, causal=True, l
     if core is not None:
         q = k = v = merged = None                             # the core's residuals hold them
     return y, (x, q, k, v, merged, softmax_state, w_qkv, b_qkv, w_o, b_o, adapters, xa_qkv, xa_o)
+
+
+def _packed(core):
+    """A core's entry points on q, k, v packed as the projection makes them, qkv (B, T, 3, H, D),
+    and on dqkv (:class:`manual_grad.kernels.cpu_attention.PackedCore`), or None."""
+    return getattr(core, "packed", None)
 
 
 def _merged_heads(merged, softmax_state, core):
@@ -290,14 +299,17 @@ def attention_bwd(n_head, causal, lora_scale, backward, tile, core, residuals, d
     dmerged, dw_o, db_o, do_adapters = lora_project_bwd(
         merged, w_o, b_o, o_adapters, xa_o, dy, parts=("o",), scale=lora_scale)        # (B, T, C)
     dheads = split_heads(dmerged, n_head)                                             # (B, H, T, D)
-    if core is not None:
-        dq, dk, dv = core.bwd(causal, softmax_state, dheads)
-    elif backward == "paper":
-        dq, dk, dv = attend_bwd(q, k, v, softmax_state, dheads)
+    if _packed(core) is not None:                              # the kernel writes dqkv in place
+        dqkv = core.packed.bwd(causal, softmax_state, dheads).reshape(dmerged.shape[:-1] + (-1,))
     else:
-        dq, dk, dv = flash_attend_bwd(q, k, v, split_heads(merged, n_head), softmax_state, dheads,
-                                      causal=causal, block=tile)
-    dqkv = jnp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], -1)   # (B, T, 3C)
+        if core is not None:
+            dq, dk, dv = core.bwd(causal, softmax_state, dheads)
+        elif backward == "paper":
+            dq, dk, dv = attend_bwd(q, k, v, softmax_state, dheads)
+        else:
+            dq, dk, dv = flash_attend_bwd(q, k, v, split_heads(merged, n_head), softmax_state, dheads,
+                                          causal=causal, block=tile)
+        dqkv = jnp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], -1)   # (B, T, 3C)
     dx, dw_qkv, db_qkv, dqkv_adapters = lora_project_bwd(
         x, w_qkv, b_qkv, qkv_adapters, xa_qkv, dqkv, parts=QKV, scale=lora_scale)
     if db_qkv is not None:

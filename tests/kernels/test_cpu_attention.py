@@ -3,6 +3,7 @@ finite differences: float64 to rounding, float32 to 1e-5, on shapes that hit eve
 its 64-row tiles (T = 1, one tile, one row past a tile, odd T up to 1000; batch 1 to 8; one to
 sixteen heads; head sizes that are and are not a multiple of its 16-column register tile)."""
 import shutil
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import pytest
 from manual_grad import kernels
 from manual_grad.kernels.cpu_attention import (available, cpu_attention, cpu_attention_bwd,
                                                 cpu_attention_fwd, cpu_attention_ref)
-from manual_grad.layers.attention import flash_attend_bwd, flash_attend_fwd
+from manual_grad.layers.attention import attention, flash_attend_bwd, flash_attend_fwd
 from tests.helpers import assert_trees_close, assert_vjp_matches, check_finite_differences, normal
 
 # Only where no compiler exists: with one, a kernel that fails to build fails these tests.
@@ -75,11 +76,14 @@ def test_key_gradient_sums_to_zero(x64):
     assert float(jnp.abs(dv).max()) > 0.1
 
 
-def test_saves_q_k_v_out_time_major_and_row_logsumexp():
+def test_saves_packed_q_k_v_out_time_major_and_row_logsumexp():
     q, k, v, _ = qkv_dout(2, 3, 20, 8, jnp.float32)
     saved = jax.eval_shape(lambda q, k, v: cpu_attention_fwd(q, k, v, causal=True), q, k, v)[1]
-    assert [(a.shape, a.dtype) for a in saved] == [((2, 20, 3, 8), q.dtype)] * 4 + [((2, 3, 20), jnp.float32)]
-    lse = cpu_attention_fwd(q, k, v, causal=True)[1][-1]
+    assert [(a.shape, a.dtype) for a in saved] == [((2, 20, 3, 3, 8), q.dtype), ((2, 20, 3, 8), q.dtype),
+                                                   ((2, 3, 20), jnp.float32)]
+    qkv, out, lse = cpu_attention_fwd(q, k, v, causal=True)[1]
+    for i, part in enumerate((q, k, v)):                                   # qkv[:, t, i, h] = part[:, h, t]
+        np.testing.assert_array_equal(qkv[:, :, i], part.swapaxes(1, 2))
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(8)
     scores = jnp.where(jnp.tril(jnp.ones((20, 20), bool)), scores, -jnp.inf)
     assert_trees_close(lse, jax.nn.logsumexp(scores, axis=-1), "float32")
@@ -116,3 +120,36 @@ def test_forward_mode_matches_the_twin(x64):
     out, tangent = jax.jvp(lambda *a: cpu_attention(*a, causal=True), (q, k, v), tuple(tangents))
     out_ref, tangent_ref = jax.jvp(lambda *a: cpu_attention_ref(*a, causal=True), (q, k, v), tuple(tangents))
     assert_trees_close((out, tangent), (out_ref, tangent_ref), "float64")
+
+
+class SplitCore(NamedTuple):
+    """The kernel as a core without its packed entry points (hashable, as op settings must be)."""
+    fwd: Callable
+    bwd: Callable
+    jvp: Callable
+    output: Callable
+    packed: None = None
+
+
+@pytest.mark.parametrize("B,T,H,D", [(2, 65, 3, 8), (1, 1, 1, 4)])
+def test_layer_hands_the_kernel_qkv_whole(B, T, H, D):
+    """The attention layer gives the kernel the qkv projection as it is, (B, T, 3, H, D), and
+    takes dqkv back whole: its compiled gradient has no concatenate, where the same kernel
+    called on split q, k, v needs one for dq, dk, dv. The gradients are the same."""
+    C = H * D
+    keys = jax.random.split(jax.random.key(7), 4)
+    f32 = jnp.float32
+    x, w_qkv, w_o = (normal(k, shape, f32) for k, shape in zip(keys, [(B, T, C), (C, 3 * C), (C, C)]))
+    b_qkv, b_o = normal(keys[3], (3 * C,), f32), jnp.zeros((C,), f32)
+    split = SplitCore(cpu_attention.fwd, cpu_attention.bwd, cpu_attention.jvp, cpu_attention.output)
+
+    def grad(core):
+        def loss(*args):
+            return (attention(*args, {}, n_head=H, backward="lean", core=core) ** 2).sum()
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+        return fn(x, w_qkv, b_qkv, w_o, b_o), fn.lower(x, w_qkv, b_qkv, w_o, b_o).compile().as_text()
+
+    (packed_grads, packed_hlo), (split_grads, split_hlo) = grad(cpu_attention), grad(split)
+    assert "concatenate" not in packed_hlo
+    assert "concatenate" in split_hlo
+    assert_trees_close(packed_grads, split_grads, "float32")
