@@ -23,6 +23,7 @@ from benchmarks import hardware
 from benchmarks.report import _ratio, _time
 from benchmarks.timing import ratio, summarise, time_interleaved
 from manual_grad import GPTConfig, kernels, layers
+from manual_grad.training.host_memory import keep_host_memory
 
 __all__ = ["main", "attention_calls"]
 
@@ -63,6 +64,7 @@ def attention_calls(cfg: GPTConfig, batch: int, seq_len: int, cores: tuple[str, 
 
 
 def main(argv=None) -> dict:
+    keep_host_memory()      # before JAX starts its CPU client (benchmarks/findings.md, finding 6)
     p = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="shakespeare-char")
     p.add_argument("--seq-lens", nargs="+", type=int, default=[128, 256, 512, 1024, 2048, 4096])

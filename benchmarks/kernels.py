@@ -28,6 +28,7 @@ from manual_grad.kernels.flash_attention import flash_attention_bwd, flash_atten
 from manual_grad.kernels.linear_cross_entropy import linear_cross_entropy_bwd, linear_cross_entropy_fwd
 from manual_grad.layers.attention import flash_attend_bwd, flash_attend_fwd
 from manual_grad.layers.loss import logits_loss_bwd, logits_loss_fwd
+from manual_grad.training.host_memory import keep_host_memory
 
 __all__ = ["main", "attention_calls", "loss_calls"]
 
@@ -103,6 +104,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    keep_host_memory()      # before JAX starts its CPU client (benchmarks/findings.md, finding 6)
     args = parse_args(argv)
     dtype = jnp.dtype(args.dtype)
     if args.quick:

@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 
 from manual_grad import GPTConfig, init_params, loss_fn, parallel  # noqa: E402
 from manual_grad.layers.ring_attention import ring_order  # noqa: E402
+from manual_grad.training.host_memory import keep_host_memory  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 2 ** 20
@@ -83,6 +84,7 @@ def table(rows: list[dict], balances: list[dict]) -> str:
 
 
 def main(argv=None):
+    keep_host_memory()      # before JAX starts its CPU client (benchmarks/findings.md, finding 6)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--T", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--seqs", type=int, nargs="+", default=[1, 2, 4, 8])
