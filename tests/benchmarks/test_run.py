@@ -170,6 +170,29 @@ def test_time_interleaved_settles_short_calls_only():
     assert min(times["long"]) >= 0.02 > max(times["short"])
 
 
+def test_forward_backward_call_is_compiled_before_its_first_call():
+    """The timed loop's warm-up call decides whether a contender gets its untimed settle call:
+    a first call that compiled would make a short call look long and be timed cold."""
+    cfg = run.bench_config("tiny", 8, {})
+    params = run.init_params(cfg, jax.random.key(0))
+    inputs, targets = run.random_batch(cfg, 2, 8, jax.random.key(1))
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        call = run.value_and_grad_call(cfg, "manual", params, inputs, targets)
+        compiled_ahead = len(compiles)
+        loss = call()
+        assert len(compiles) == compiled_ahead >= 1
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    expected = run.loss_fn(params, inputs, targets, cfg, "manual")
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+
+
 def test_summarise_and_ratio_match_numpy():
     x = np.array([3.0, 1.0, 4.0, 1.5, 9.0])
     s = summarise(x)
