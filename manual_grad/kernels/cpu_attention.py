@@ -10,9 +10,11 @@ Backward:  per (batch, head): delta = rowsum(Δ ∘ out), then with ρ_ij = exp(
 Every tile product is a register-tiled GEMM on a 16 KiB block; work is spread over XLA's own
 intra-op thread pool. The kernel takes q, k, v packed and time-major, qkv (B, T, 3, H, D), and
 returns dq, dk, dv packed the same way; out and its cotangent are (B, T, H, D). These are the
-layouts of the qkv projection and of the merged heads: in the attention layer XLA folds the
-split, the head transposes and the packing back into the projection, and the unpacking and the
-layer's concatenation of dq, dk, dv into dqkv, so the kernel reads and writes them in place.
+layouts of the qkv projection and of the merged heads: the attention layer hands the projection
+over as it is and takes dqkv back whole (``cpu_attention.packed``), so nothing is sliced,
+concatenated or transposed around the call. The op on separate (B, H, T, D) q, k, v
+(``cpu_attention``) packs them first, one copy (XLA does not fold a concatenation of slices
+back into the sliced array).
 
 The kernel is compiled on first use with the machine's C++ compiler (``$CXX``, else ``g++``)
 with ``-O3 -march=native`` into a cache directory (``$MANUAL_GRAD_CACHE``, default
