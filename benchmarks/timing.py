@@ -29,7 +29,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, repeats: int,
     hits every contender equally.
 
     A contender whose last warm-up call took less than ``settle_below`` seconds makes one
-    untimed call right before each timed one. A short call timed straight after another
+    untimed call right before each timed one. So each callable must be compiled before it
+    comes here: one that compiles on its first call looks long and is timed cold. A short call timed straight after another
     contender's is timed cold: that contender's threads are still spinning on the cores
     (OpenMP's and XLA's pools spin for milliseconds before they sleep), its own threads are
     asleep and its data is out of the caches. In a training loop a step runs straight after
