@@ -13,9 +13,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 # The gradient of a small GPT at B=8, T=512: about 97 MiB of temporaries (XLA's estimate), over
 # glibc's 32 MiB mmap threshold. Prints the policy's state, the temp size and the minor page
-# faults of each of eight calls.
+# faults of each of CALLS calls.
 PROBE = """
-import resource
+import resource, sys
+CALLS = int(sys.argv[1])
 from manual_grad.training.host_memory import keep_host_memory
 kept = keep_host_memory()
 import jax
@@ -26,7 +27,7 @@ tokens = jax.random.randint(jax.random.key(1), (8, 512), 0, 65)
 grad = jax.jit(jax.grad(loss_fn), static_argnums=(3,))
 temp = grad.lower(params, tokens, tokens, cfg).compile().memory_analysis().temp_size_in_bytes
 faults = []
-for _ in range(8):
+for _ in range(CALLS):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     g = jax.block_until_ready(grad(params, tokens, tokens, cfg))
     del g
@@ -35,11 +36,12 @@ print(kept, temp, *faults)
 """
 
 
-def _probe(keep: bool) -> tuple[bool, int, list[int]]:
+def _probe(keep: bool, calls: int) -> tuple[bool, int, list[int]]:
     env = {**os.environ, "PYTHONPATH": str(REPO), host_memory.OPT_OUT: "1" if keep else "0",
            "JAX_PLATFORMS": "cpu"}
-    kept, temp, *faults = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
-                                         text=True, check=True, timeout=600).stdout.split()[-10:]
+    out = subprocess.run([sys.executable, "-c", PROBE, str(calls)], env=env, capture_output=True,
+                         text=True, check=True, timeout=600).stdout.split()
+    kept, temp, *faults = out[-(calls + 2):]
     return kept == "True", int(temp), [int(f) for f in faults]
 
 
@@ -52,16 +54,21 @@ def _thp_always() -> bool:
 
 @pytest.mark.skipif(host_memory._glibc() is None, reason="the policy is glibc's mallopt")
 def test_step_temporaries_are_reused_not_faulted_in_again():
-    """With the policy most calls fault nothing. One call may still fault its temporaries
-    in when a smaller allocation (the gradients' buffers) took the front of the freed block
-    and the heap grows once more (seen: 27,804 faults in the 4th of six calls, 0 after);
-    without it every call faults them in."""
-    kept, temp, faults = _probe(keep=True)
+    """With the policy most calls fault nothing; without it every call faults its temporaries in.
+
+    The heap still grows a few times before it reaches a fixed point: a longer-lived small
+    allocation lands in the freed block, the next call's temporaries no longer fit and the heap
+    grows by their size. Measured on the 2-core VM: 2 such calls in 25-30 (at calls 11-29), then
+    none up to call 150, the resident size flat at about four times the temporaries. So the
+    test counts: at most a third of the calls after the first may fault their temporaries in.
+    """
+    kept, temp, faults = _probe(keep=True, calls=30)
     pages = temp // 4096
     assert kept and pages > 8192          # over the mmap threshold: the case the policy is for
-    assert sorted(faults[-5:])[3] < pages // 20, f"faults per call {faults} for {pages} pages of temporaries"
+    grown = [i for i, f in enumerate(faults) if i > 0 and f > pages // 2]
+    assert len(grown) <= 10, f"calls {grown} faulted their temporaries in: {faults} ({pages} pages)"
     if not _thp_always():      # control: without the policy each call faults its temporaries again
-        kept, _, faults = _probe(keep=False)
+        kept, _, faults = _probe(keep=False, calls=8)
         assert not kept and min(faults[-5:]) > pages // 2, faults
 
 
