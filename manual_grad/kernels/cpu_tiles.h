@@ -64,11 +64,20 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, MakeWorker make_worker) {
   state->all_done.wait(lock, [&] { return state->done.load() == state->n; });
 }
 
-// --- vectors and a 4 x 2W register-tiled GEMM: C (+)= A B, all row-major --------------------
+// --- vectors and an 8 x 2W register-tiled GEMM: C (+)= A B, all row-major --------------------
 
-template <typename T> struct Vec;
-template <> struct Vec<float> { typedef float type __attribute__((vector_size(32), aligned(4))); static constexpr int W = 8; };
-template <> struct Vec<double> { typedef double type __attribute__((vector_size(32), aligned(8))); static constexpr int W = 4; };
+// The widest vector the target has: 64 bytes with AVX-512 (32 registers, so the 8 x 2 tile of
+// accumulators and its operands stay in registers), else 32.
+#ifdef __AVX512F__
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
+
+template <typename T> struct Vec {
+  typedef T type __attribute__((vector_size(kVecBytes), aligned(sizeof(T))));
+  static constexpr int W = kVecBytes / sizeof(T);
+};
 
 template <typename T>
 inline typename Vec<T>::type load(const T* p) {
@@ -80,49 +89,56 @@ inline typename Vec<T>::type load(const T* p) {
 template <typename T>
 inline void store(T* p, typename Vec<T>::type v) { std::memcpy(p, &v, sizeof(v)); }
 
-// One register tile: rows i..i+MR, columns j..j+2W of C (+)= op(A) B, where op(A) = A
+// One register tile: rows i..i+MR, columns j..j+NV*W of C (+)= op(A) B, where op(A) = A
 // (A[i][p] at A[i * lda + p]) or, with TransA, A^T (A[i][p] at A[p * lda + i]).
-template <typename T, int MR, bool TransA>
+template <typename T, int MR, int NV, bool TransA>
 inline void micro_tile(int64_t i, int64_t j, int64_t k, const T* A, int64_t lda, const T* B,
                        int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::W;
-  V c[MR][2];
+  V c[MR][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    c[r][0] = accumulate ? load(C + (i + r) * ldc + j) : V{};
-    c[r][1] = accumulate ? load(C + (i + r) * ldc + j + W) : V{};
-  }
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? load(C + (i + r) * ldc + j + v * W) : V{};
   for (int64_t p = 0; p < k; ++p) {
-    const V b0 = load(B + p * ldb + j), b1 = load(B + p * ldb + j + W);
+    V b[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) b[v] = load(B + p * ldb + j + v * W);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const T a = TransA ? A[p * lda + i + r] : A[(i + r) * lda + p];
-      c[r][0] += a * b0;
-      c[r][1] += a * b1;
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) c[r][v] += a * b[v];
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    store(C + (i + r) * ldc + j, c[r][0]);
-    store(C + (i + r) * ldc + j + W, c[r][1]);
-  }
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) store(C + (i + r) * ldc + j + v * W, c[r][v]);
+}
+
+// Rows 0..m of the column strip j..j+NV*W.
+template <typename T, int NV, bool TransA>
+inline void column_strip(int64_t m, int64_t j, int64_t k, const T* A, int64_t lda, const T* B,
+                         int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 8 <= m; i += 8) micro_tile<T, 8, NV, TransA>(i, j, k, A, lda, B, ldb, C, ldc, accumulate);
+  for (; i + 4 <= m; i += 4) micro_tile<T, 4, NV, TransA>(i, j, k, A, lda, B, ldb, C, ldc, accumulate);
+  for (; i < m; ++i) micro_tile<T, 1, NV, TransA>(i, j, k, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 // C[m x n] = (accumulate ? C : 0) + op(A)[m x k] B[k x n], row-major with leading dimensions
-// lda, ldb, ldc; op(A) = A, or A^T with TransA (A stored k x m).
+// lda, ldb, ldc; op(A) = A, or A^T with TransA (A stored k x m). Strips of two vectors, then
+// one, then the last n % W columns one by one.
 template <typename T, bool TransA = false>
 void gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
           T* C, int64_t ldc, bool accumulate) {
-  constexpr int NR = 2 * Vec<T>::W;
+  constexpr int W = Vec<T>::W;
   int64_t j = 0;
-  for (; j + NR <= n; j += NR) {
-    int64_t i = 0;
-    for (; i + 8 <= m; i += 8) micro_tile<T, 8, TransA>(i, j, k, A, lda, B, ldb, C, ldc, accumulate);
-    for (; i + 4 <= m; i += 4) micro_tile<T, 4, TransA>(i, j, k, A, lda, B, ldb, C, ldc, accumulate);
-    for (; i < m; ++i) micro_tile<T, 1, TransA>(i, j, k, A, lda, B, ldb, C, ldc, accumulate);
-  }
-  for (; j < n; ++j) {                       // the last n % NR columns
+  for (; j + 2 * W <= n; j += 2 * W) column_strip<T, 2, TransA>(m, j, k, A, lda, B, ldb, C, ldc, accumulate);
+  for (; j + W <= n; j += W) column_strip<T, 1, TransA>(m, j, k, A, lda, B, ldb, C, ldc, accumulate);
+  for (; j < n; ++j) {
     for (int64_t i = 0; i < m; ++i) {
       T c = accumulate ? C[i * ldc + j] : T(0);
       for (int64_t p = 0; p < k; ++p) c += (TransA ? A[p * lda + i] : A[i * lda + p]) * B[p * ldb + j];
@@ -135,7 +151,7 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, 
 
 inline Vec<float>::type exp_vec(Vec<float>::type x) {
   using V = Vec<float>::type;
-  typedef int32_t VI __attribute__((vector_size(32)));
+  typedef int32_t VI __attribute__((vector_size(kVecBytes)));
   const V hi = V{} + 88.0f, lo = V{} - 87.0f;
   const auto underflow = x < lo;                   // exp(-inf) of a masked score: exactly 0
   x = x > hi ? hi : x;

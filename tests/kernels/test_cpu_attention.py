@@ -1,7 +1,8 @@
 """The C++ CPU attention kernel (XLA FFI) against autodiff of its twin, the XLA lean path and
 finite differences: float64 to rounding, float32 to 1e-5, on shapes that hit every edge of
 its 64-row tiles (T = 1, one tile, one row past a tile, odd T up to 1000; batch 1 to 8; one to
-sixteen heads; head sizes that are and are not a multiple of its 16-column register tile)."""
+sixteen heads; head sizes and key tiles that fill its register tiles of two vectors, leave one
+vector, or leave single columns)."""
 import shutil
 from typing import Callable, NamedTuple
 
@@ -28,6 +29,7 @@ CASES = [
     (3, 1, 130, 5, False),     # no mask, a head size that no register tile divides
     (1, 16, 77, 4, True),      # sixteen heads
     (2, 2, 200, 32, False),    # four tiles, the last one ragged
+    (1, 2, 117, 48, True),     # 48 and 53 columns: two-vector, one-vector and single-column strips
     (1, 1, 777, 8, True),      # thirteen tiles, the last one of 9 rows
     (8, 2, 1000, 2, True),     # batch 8, sixteen tiles, a two-column head
 ]
