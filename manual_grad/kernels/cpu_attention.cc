@@ -90,7 +90,7 @@ void forward_tile(const T* q, const std::vector<T>& Kt, const T* v, const Dims& 
     for (int64_t i = 0; i < mq; ++i) {
       T* row = w.S.data() + i * nk;
       const T m_new = std::max(w.m[i], row_max(row, nk));   // key 0 is visible: finite
-      const T correction = std::exp(w.m[i] - m_new);
+      const T correction = m_new == w.m[i] ? T(1) : std::exp(w.m[i] - m_new);
       w.l[i] = w.l[i] * correction + exp_row(row, nk, m_new);
       w.m[i] = m_new;
       if (correction != T(1))

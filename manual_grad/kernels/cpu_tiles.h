@@ -89,6 +89,29 @@ inline typename Vec<T>::type load(const T* p) {
 template <typename T>
 inline void store(T* p, typename Vec<T>::type v) { std::memcpy(p, &v, sizeof(v)); }
 
+// Horizontal sum and max of a vector of N lanes: halves added (or maxed) lane by lane, log2 N
+// steps, instead of N dependent scalar operations.
+template <typename T, int N>
+struct Lanes { typedef T type __attribute__((vector_size(N * sizeof(T)), aligned(sizeof(T)))); };
+
+template <typename T, int N, bool Max>
+inline T reduce(typename Lanes<T, N>::type v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    typename Lanes<T, N / 2>::type lo, hi;
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+    return reduce<T, N / 2, Max>(Max ? (lo > hi ? lo : hi) : lo + hi);
+  }
+}
+
+template <typename T>
+inline T sum_lanes(typename Vec<T>::type v) { return reduce<T, Vec<T>::W, false>(v); }
+
+template <typename T>
+inline T max_lanes(typename Vec<T>::type v) { return reduce<T, Vec<T>::W, true>(v); }
+
 // One register tile: rows i..i+MR, columns j..j+NV*W of C (+)= op(A) B, where op(A) = A
 // (A[i][p] at A[i * lda + p]) or, with TransA, A^T (A[i][p] at A[p * lda + i]).
 template <typename T, int MR, int NV, bool TransA>
@@ -187,8 +210,7 @@ inline float exp_row(float* row, int64_t n, float shift) {
     store(row + j, e);
     acc += e;
   }
-  float sum = 0;
-  for (int w = 0; w < W; ++w) sum += acc[w];
+  float sum = sum_lanes<float>(acc);
   for (; j < n; ++j) sum += (row[j] = std::exp(row[j] - shift));
   return sum;
 }
@@ -212,7 +234,7 @@ inline T row_max(const T* row, int64_t n) {
       const V x = load(row + j);
       acc = x > acc ? x : acc;
     }
-    for (int w = 0; w < W; ++w) m = std::max(m, acc[w]);
+    m = max_lanes<T>(acc);
   }
   for (; j < n; ++j) m = std::max(m, row[j]);
   return m;
