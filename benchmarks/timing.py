@@ -35,8 +35,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, repeats: int,
     (OpenMP's and XLA's pools spin for milliseconds before they sleep), its own threads are
     asleep and its data is out of the caches. In a training loop a step runs straight after
     a step of its own, and so it is timed here (the measurements: finding 7 of
-    ``benchmarks/findings.md``). Calls of a second or more are timed directly; for them the
-    difference is noise.
+    ``benchmarks/findings.md``). Calls of ``settle_below`` seconds or more are timed directly
+    (``benchmarks.run`` settles every step call under 10 s: finding 6).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
