@@ -29,14 +29,15 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, repeats: int,
     hits every contender equally.
 
     A contender whose last warm-up call took less than ``settle_below`` seconds makes one
-    untimed call right before each timed one. So each callable must be compiled before it
-    comes here: one that compiles on its first call looks long and is timed cold. A short call timed straight after another
-    contender's is timed cold: that contender's threads are still spinning on the cores
-    (OpenMP's and XLA's pools spin for milliseconds before they sleep), its own threads are
-    asleep and its data is out of the caches. In a training loop a step runs straight after
-    a step of its own, and so it is timed here (the measurements: finding 7 of
-    ``benchmarks/findings.md``). Calls of ``settle_below`` seconds or more are timed directly
-    (``benchmarks.run`` settles every step call under 10 s: finding 6).
+    untimed call right before each timed one, so each callable must be compiled before it
+    comes here: one that compiles on its first call looks long and is timed cold. A call
+    timed straight after another contender's is timed cold: that contender's threads are
+    still spinning on the cores (OpenMP's and XLA's pools spin for milliseconds before they
+    sleep), its own threads are asleep, its data is out of the caches, and the other's
+    allocations may have taken the hole its temporaries used. In a training loop a step runs
+    straight after a step of its own, and so it is timed here (findings 6 and 7 of
+    ``benchmarks/findings.md``; ``benchmarks.run`` settles every step call under 10 s).
+    Calls of ``settle_below`` seconds or more are timed directly.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
