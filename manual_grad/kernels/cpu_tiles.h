@@ -74,9 +74,13 @@ constexpr int kVecBytes = 64;
 constexpr int kVecBytes = 32;
 #endif
 
+// A vector of N lanes of T (loaded and stored unaligned, through memcpy).
+template <typename T, int N>
+struct Lanes { typedef T type __attribute__((vector_size(N * sizeof(T)), aligned(sizeof(T)))); };
+
 template <typename T> struct Vec {
-  typedef T type __attribute__((vector_size(kVecBytes), aligned(sizeof(T))));
   static constexpr int W = kVecBytes / sizeof(T);
+  typedef typename Lanes<T, W>::type type;
 };
 
 template <typename T>
@@ -91,8 +95,6 @@ inline void store(T* p, typename Vec<T>::type v) { std::memcpy(p, &v, sizeof(v))
 
 // Horizontal sum and max of a vector of N lanes: halves added (or maxed) lane by lane, log2 N
 // steps, instead of N dependent scalar operations.
-template <typename T, int N>
-struct Lanes { typedef T type __attribute__((vector_size(N * sizeof(T)), aligned(sizeof(T)))); };
 
 template <typename T, int N, bool Max>
 inline T reduce(typename Lanes<T, N>::type v) {
@@ -174,7 +176,7 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, 
 
 inline Vec<float>::type exp_vec(Vec<float>::type x) {
   using V = Vec<float>::type;
-  typedef int32_t VI __attribute__((vector_size(kVecBytes)));
+  using VI = Lanes<int32_t, Vec<float>::W>::type;
   const V hi = V{} + 88.0f, lo = V{} - 87.0f;
   const auto underflow = x < lo;                   // exp(-inf) of a masked score: exactly 0
   x = x > hi ? hi : x;
